@@ -1,0 +1,58 @@
+"""`python -m ls_backend`: serve the backend; subcommands manage a project's versions."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .settings import get_settings
+
+
+def serve() -> int:
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run("ls_backend.app:create_app", factory=True, host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), access_log=False, timeout_keep_alive=30)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ls_backend", description="YOLO backend for Label Studio")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run the HTTP server (the default)")
+    versions = sub.add_parser("versions", help="list a project's model versions")
+    versions.add_argument("--project", required=True)
+    rollback = sub.add_parser("rollback", help="serve an earlier version of a project's model")
+    rollback.add_argument("--project", required=True)
+    rollback.add_argument("--version", help="e.g. v3; default: the version before the current one")
+    train = sub.add_parser("train", help="train a project now, in this process, from its stored annotations")
+    train.add_argument("--project", required=True)
+    args = parser.parse_args(argv)
+    if args.command in (None, "serve"):
+        return serve()
+    from model.registry import ProjectRegistry
+
+    registry = ProjectRegistry(get_settings().model_dir, args.project)
+    if args.command == "versions":
+        current = registry.current_name()
+        for v in registry.versions():
+            print(f"{'*' if v.name == current else ' '} {v.name:6} {v.meta.get('status', ''):10} "
+                  f"mAP50={v.meta.get('metrics', {}).get('map50', 0):.3f} annotations={v.meta.get('annotations')}")
+        return 0
+    if args.command == "rollback":
+        try:
+            version = registry.rollback(args.version)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"project {args.project} now serves {version.name}")
+        return 0
+    from .jobs import train_project
+
+    print(json.dumps(train_project(args.project), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

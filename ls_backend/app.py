@@ -1,0 +1,176 @@
+"""The HTTP face of the backend: Label Studio's ML-backend protocol over FastAPI."""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import secrets
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from model.label_config import ConfigError, parse_label_config
+from model.weights import WeightsUnavailable
+
+from . import metrics
+from .backend import Backend, project_id
+from .events import BadEvent, handle_event, remember_config
+from .jobs import set_backend, train_project
+from .queues import LocalQueue, RQQueue
+from .scheduler import Scheduler
+from .settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"status": "error", "error": message}, status_code=status)
+
+
+async def json_body(request: Request) -> dict:
+    """The request's JSON object, or a BadEvent-style ValueError with a readable reason."""
+    raw = await request.body()
+    try:
+        body = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    return body
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app with its backend, queue and scheduler; nothing slow happens here."""
+    settings = settings or get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    backend = Backend(settings)
+    set_backend(backend)
+    queue = (RQQueue(settings.model_dir, settings.redis_url, settings.queue_name, settings.job_timeout)
+             if settings.redis_url else LocalQueue(settings.model_dir, train_project))
+    scheduler = Scheduler(backend, queue)
+    app = FastAPI(title="YOLO backend for Label Studio")
+    app.state.backend, app.state.queue, app.state.scheduler = backend, queue, scheduler
+
+    @app.on_event("startup")
+    def _warm() -> None:
+        backend.warm_up()
+
+    @app.on_event("shutdown")
+    def _close() -> None:
+        scheduler.close()
+
+    @app.middleware("http")
+    async def basic_auth_and_timing(request: Request, call_next):
+        if settings.basic_auth_user or settings.basic_auth_pass:
+            if not _authorized(request.headers.get("authorization", ""), settings):
+                return Response("authentication required", status_code=401,
+                                headers={"WWW-Authenticate": 'Basic realm="yolo-backend"'})
+        started = time.perf_counter()
+        response = await call_next(request)
+        metrics.observe(request.url.path, response.status_code, time.perf_counter() - started)
+        return response
+
+    @app.get("/")
+    @app.get("/health")
+    async def health() -> dict:
+        return {
+            "status": "UP",
+            "model_class": "YOLO",
+            "queue": queue.kind,
+            "base_model": settings.base_model,
+            "base_model_error": backend.base_error,
+            "models_loaded": backend.models.loaded(),
+            "training_pending_queue": sorted(scheduler.pending),
+        }
+
+    @app.post("/setup")
+    async def setup(request: Request):
+        try:
+            body = await json_body(request)
+            project = project_id(body.get("project"))
+            config = body.get("schema") or body.get("label_config") or ""
+            parse_label_config(config)
+        except (ValueError, ConfigError) as exc:
+            return error(400, f"cannot set up this project: {exc}")
+        await run_in_threadpool(remember_config, backend, project, config, hostname=body.get("hostname"),
+                                access_token=body.get("access_token"))
+        return {"model_version": backend.model_version(project)}
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        try:
+            body = await json_body(request)
+            project = project_id(body.get("project"))
+            tasks = body.get("tasks")
+            if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+                raise ValueError("'tasks' must be a list of task objects")
+            config = body.get("label_config") or backend.store(project).info().get("label_config", "")
+            control = parse_label_config(config)
+        except (ValueError, ConfigError) as exc:
+            return error(400, f"cannot predict: {exc}")
+        try:
+            version, results = await run_in_threadpool(backend.predict_tasks, project, control, tasks)
+        except WeightsUnavailable as exc:
+            return error(503, f"no model to predict with: {exc}")
+        metrics.PREDICTED_TASKS.inc(len(tasks))
+        return {"results": results, "model_version": version}
+
+    @app.post("/webhook")
+    async def webhook(request: Request):
+        try:
+            body = await json_body(request)
+            return await run_in_threadpool(handle_event, backend, scheduler, body)
+        except (ValueError, BadEvent) as exc:
+            return error(400, str(exc))
+
+    @app.post("/train")
+    async def train(request: Request):
+        """Older Label Studio versions call /train instead of sending START_TRAINING."""
+        try:
+            body = await json_body(request)
+            return await run_in_threadpool(handle_event, backend, scheduler, {**body, "action": "START_TRAINING"})
+        except (ValueError, BadEvent) as exc:
+            return error(400, str(exc))
+
+    @app.get("/versions")
+    async def versions(project: str | None = None):
+        projects = [project] if project else sorted(p.name for p in settings.model_dir.iterdir()
+                                                    if p.is_dir() and p.name.isdigit())
+        listed = [{"project": p, **v.meta} for p in projects for v in backend.registry(p).versions()]
+        return {"versions": [v["version"] for v in listed], "details": listed}
+
+    @app.get("/status/{project}")
+    async def status(project: str):
+        try:
+            project = project_id(project)
+        except ValueError as exc:
+            return error(400, str(exc))
+        registry = backend.registry(project)
+        total, _ = backend.store(project).counts(0)
+        return {
+            "project": project,
+            "model_version": backend.model_version(project),
+            "annotated_tasks": total,
+            "job": queue.status(project),
+            "versions": [v.meta for v in registry.versions()],
+        }
+
+    @app.get("/metrics")
+    async def metrics_route():
+        body = await run_in_threadpool(metrics.render, backend, queue)
+        return PlainTextResponse(body, media_type=metrics.CONTENT_TYPE)
+
+    return app
+
+
+def _authorized(header: str, settings: Settings) -> bool:
+    if not header.lower().startswith("basic "):
+        return False
+    try:
+        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return secrets.compare_digest(user, settings.basic_auth_user) & secrets.compare_digest(password, settings.basic_auth_pass)

@@ -1,0 +1,148 @@
+"""The per-process state that the server, the jobs and the CLI share: settings, models, clients."""
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from model.label_config import RectangleLabelsControl
+from model.predictor import Detections, ModelCache, predict
+from model.project_store import ProjectStore
+from model.registry import ProjectRegistry
+from model.weights import WeightsUnavailable, resolve_weights
+from model.yolo_env import prepare_ultralytics
+
+from .ls_client import LabelStudioClient, LabelStudioError
+from .media import MediaError, MediaFetcher, read_image
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def project_id(value) -> str:
+    """Label Studio names a project '<id>.<created ts>' in /setup and /predict and by a dict in webhooks."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    text = str(value or "").split(".")[0].strip()
+    if not text.isdigit():
+        raise ValueError(f"not a Label Studio project id: {value!r}")
+    return text
+
+
+class Backend:
+    """Everything a request or a job needs, created once per process."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        settings.model_dir.mkdir(parents=True, exist_ok=True)
+        prepare_ultralytics(settings.ultralytics_dir, settings.allow_downloads)
+        self.models = ModelCache(device=settings.device)
+        self._clients: dict[tuple[str, str], LabelStudioClient] = {}
+        self._base: Path | None = None
+        self.base_error: str | None = None
+        self._base_lock = threading.Lock()
+        self.io_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="media")
+
+    # -- projects -------------------------------------------------------------------------------
+    def store(self, project: str) -> ProjectStore:
+        return ProjectStore(self.settings.model_dir, project)
+
+    def registry(self, project: str) -> ProjectRegistry:
+        return ProjectRegistry(self.settings.model_dir, project)
+
+    def client(self, project: str | None = None) -> LabelStudioClient | None:
+        """LABEL_STUDIO_URL and _API_KEY win; otherwise the hostname and token Label Studio sent to /setup."""
+        info = self.store(project).info() if project else {}
+        url = self.settings.label_studio_url or info.get("hostname") or ""
+        key = self.settings.label_studio_api_key or info.get("access_token") or ""
+        if not url:
+            return None
+        if (url, key) not in self._clients:
+            self._clients[(url, key)] = LabelStudioClient(url, key)
+        return self._clients[(url, key)]
+
+    def fetcher(self, project: str | None) -> MediaFetcher:
+        s = self.settings
+        return MediaFetcher(s.media_cache, s.media_hosts, self.client(project), s.media_max_bytes,
+                            s.media_timeout, s.local_files_document_root)
+
+    # -- models ---------------------------------------------------------------------------------
+    def base_weights(self) -> Path:
+        """The zero-shot model, resolved once; a failure is remembered and shown in /health."""
+        with self._base_lock:
+            if self._base is None:
+                try:
+                    self._base = resolve_weights(self.settings.base_model, self.settings.model_dir / "_weights",
+                                                 self.settings.allow_downloads)
+                    self.base_error = None
+                except WeightsUnavailable as exc:
+                    self.base_error = str(exc)
+                    raise
+            return self._base
+
+    def train_base_weights(self) -> Path:
+        if self.settings.train_base == self.settings.base_model:
+            return self.base_weights()
+        return resolve_weights(self.settings.train_base, self.settings.model_dir / "_weights", self.settings.allow_downloads)
+
+    def warm_up(self) -> None:
+        """Load the base model in the background so the first request does not pay for it."""
+        def load() -> None:
+            try:
+                self.models.get(self.base_weights())
+            except Exception as exc:  # shown in /health, never fatal
+                self.base_error = self.base_error or f"base model failed to load: {exc}"
+                log.error("base model unavailable: %s", self.base_error)
+        threading.Thread(target=load, name="warm-up", daemon=True).start()
+
+    def model_version(self, project: str) -> str:
+        """What Label Studio stores with each prediction; it changes whenever a new version is served."""
+        return self.registry(project).current_name() or f"base-{Path(self.settings.base_model).stem}"
+
+    def serving(self, project: str) -> tuple[str, Path, bool]:
+        """The served version's name, its weights, and whether it is the untrained base model."""
+        current = self.registry(project).current()
+        if current is not None and current.weights.is_file():
+            return current.name, current.weights, False
+        return self.model_version(project), self.base_weights(), True
+
+    # -- prediction -----------------------------------------------------------------------------
+    def load_images(self, project: str, control: RectangleLabelsControl, tasks: list[dict]) -> list:
+        """Each task's image as BGR, or the MediaError that explains why not, fetched concurrently."""
+        fetcher = self.fetcher(project)
+
+        def one(task: dict):
+            try:
+                ref = (task.get("data") or {}).get(control.value_key)
+                if ref is None:
+                    raise MediaError(f"task data has no '{control.value_key}' field")
+                return read_image(fetcher.fetch(ref))
+            except (MediaError, LabelStudioError, OSError) as exc:
+                log.warning("project %s task %s: image skipped: %s", project, task.get("id"), exc)
+                return MediaError(str(exc))
+
+        return list(self.io_pool.map(one, tasks))
+
+    def predict_tasks(self, project: str, control: RectangleLabelsControl, tasks: list[dict]) -> tuple[str, list[dict]]:
+        """One Label Studio prediction per task, in order; a task whose image fails gets an empty result."""
+        version, weights, is_base = self.serving(project)
+        model = self.models.get(weights)
+        label_map = control.model_label_map(model.names, aliases=is_base)
+        images = self.load_images(project, control, tasks)
+        good = [i for i, image in enumerate(images) if not isinstance(image, Exception)]
+        detections: dict[int, Detections] = {}
+        if label_map and good:
+            s = self.settings
+            found = predict(model, [images[i] for i in good], label_map, s.predict_imgsz, s.predict_conf,
+                            s.predict_batch, s.device)
+            detections = dict(zip(good, found))
+        results = []
+        for i, image in enumerate(images):
+            item = {"result": [], "score": 0.0, "model_version": version}
+            if i in detections:
+                h, w = image.shape[:2]
+                item["result"] = [control.to_region(box, w, h) for box in detections[i].boxes]
+                item["score"] = detections[i].score
+            results.append(item)
+        return version, results

@@ -1,0 +1,69 @@
+"""Turn Label Studio webhook events into stored annotations and training requests."""
+from __future__ import annotations
+
+import logging
+
+from model.label_config import ConfigError, parse_label_config
+from model.project_store import annotation_record
+
+from .backend import Backend, project_id
+from .jobs import resync_flag
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED"}
+
+
+class BadEvent(ValueError):
+    """A webhook payload we cannot use; answered with a 4xx and this message."""
+
+
+def remember_config(backend: Backend, project: str, config: str | None, **extra) -> None:
+    """Store the project's label config; a config we cannot serve is kept but logged."""
+    if not config:
+        return
+    store = backend.store(project)
+    if store.info().get("label_config") != config:
+        try:
+            labels = parse_label_config(config).labels
+            log.info("project %s: label config now has labels %s", project, list(labels))
+        except ConfigError as exc:
+            log.warning("project %s: label config cannot be served: %s", project, exc)
+    store.update_info(label_config=config, **extra)
+
+
+def handle_event(backend: Backend, scheduler: Scheduler, payload: dict) -> dict:
+    """Apply one event; everything slow (training, resync) is left to the job."""
+    if not isinstance(payload, dict) or not payload.get("action"):
+        raise BadEvent("the webhook body must be a JSON object with an 'action'")
+    action = payload["action"]
+    try:
+        project = project_id(payload.get("project"))
+    except ValueError as exc:
+        raise BadEvent(f"{action}: {exc}") from exc
+    if isinstance(payload.get("project"), dict):
+        remember_config(backend, project, payload["project"].get("label_config"), title=payload["project"].get("title"))
+    store = backend.store(project)
+    training = None
+    if action in ANNOTATION_EVENTS:
+        annotation, task = payload.get("annotation"), payload.get("task")
+        if not isinstance(annotation, dict) or not isinstance(task, dict) or not (task.get("id") or annotation.get("task")):
+            raise BadEvent(f"{action} needs 'annotation' and 'task' objects")
+        record = annotation_record(task, annotation)
+        if record["cancelled"]:
+            stored = store.get(record["task_id"])
+            if stored is None or stored.get("annotation_id") == record["annotation_id"]:
+                store.remove_task(record["task_id"])
+        else:
+            store.put(record)
+        training = scheduler.after_annotation(project)
+    elif action == "ANNOTATIONS_DELETED":
+        ids = {a.get("id") for a in payload.get("annotations") or [] if isinstance(a, dict)}
+        removed = store.delete_annotations(ids)
+        log.info("project %s: forgot %d of %d deleted annotations", project, removed, len(ids))
+    elif action == "START_TRAINING":
+        resync_flag(backend, project).parent.mkdir(parents=True, exist_ok=True)
+        resync_flag(backend, project).touch()
+        training = scheduler.request(project)
+    return {"status": "ok", "action": action, "project": project, "training": training}

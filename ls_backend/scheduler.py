@@ -1,0 +1,66 @@
+"""Decide when a project trains, and keep asking when Redis is down so no request is lost."""
+from __future__ import annotations
+
+import logging
+import threading
+
+from model.pipeline import trained_upto
+
+from .backend import Backend
+from .job_status import write_status
+from .queues import TrainQueue
+
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 5.0
+
+
+class Scheduler:
+    """Training policy (MIN_ANNOTATIONS, RETRAIN_EVERY) in front of whichever queue is in use."""
+
+    def __init__(self, backend: Backend, queue: TrainQueue):
+        self.backend = backend
+        self.queue = queue
+        self.pending: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._retry_loop, name="schedule-retry", daemon=True).start()
+
+    def request(self, project: str) -> str:
+        """Queue a training job; if the queue is unreachable, remember the project and retry later."""
+        try:
+            outcome = self.queue.schedule(project)
+        except Exception as exc:  # Redis down or refusing: the annotation is already on disk
+            with self._lock:
+                self.pending.add(project)
+            log.error("project %s: cannot queue training (%s: %s); annotations are kept and it will be retried",
+                      project, type(exc).__name__, exc)
+            write_status(self.backend.settings.model_dir, project, state="pending",
+                         error=f"queue unreachable: {exc}")
+            return "pending"
+        with self._lock:
+            self.pending.discard(project)
+        return outcome
+
+    def due(self, project: str) -> bool:
+        """First training at MIN_ANNOTATIONS labeled tasks, then after every RETRAIN_EVERY changed ones."""
+        s = self.backend.settings
+        registry = self.backend.registry(project)
+        total, changed = self.backend.store(project).counts(since=trained_upto(registry))
+        if not registry.versions():
+            return total >= s.min_annotations
+        return changed >= max(1, s.retrain_every)
+
+    def after_annotation(self, project: str) -> str | None:
+        return self.request(project) if self.due(project) else None
+
+    def _retry_loop(self) -> None:
+        while not self._stop.wait(RETRY_SECONDS):
+            with self._lock:
+                projects = list(self.pending)
+            for project in projects:
+                if self.request(project) != "pending":
+                    log.info("project %s: queue reachable again, training queued", project)
+
+    def close(self) -> None:
+        self._stop.set()

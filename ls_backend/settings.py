@@ -1,0 +1,82 @@
+"""Every setting of the backend, read once from environment variables."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """One place for configuration so the server, workers and CLI agree."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 9090
+    log_level: str = "INFO"
+
+    model_dir: Path = Path("./models")
+    cache_dir: Path | None = None
+    yolo_config_dir: Path | None = None
+    allow_downloads: bool = True
+
+    base_model: str = "yolo11n.pt"
+    train_base_model: str | None = None
+    device: str = ""
+    predict_imgsz: int = 640
+    predict_conf: float = 0.25
+    predict_batch: int = 16
+
+    label_studio_url: str = ""
+    label_studio_api_key: str = ""
+    allowed_media_hosts: str = ""
+    local_files_document_root: Path | None = None
+    media_max_bytes: int = 50 * 1024 * 1024
+    media_timeout: float = 15.0
+
+    redis_url: str = ""
+    queue_name: str = "ls-yolo-train"
+    job_timeout: int = 3600
+
+    basic_auth_user: str = ""
+    basic_auth_pass: str = ""
+
+    min_annotations: int = 10
+    retrain_every: int = 5
+    train_epochs: int = 0
+    train_imgsz: int = 0
+    train_time_budget: float = 60.0
+    train_freeze: int = -1
+    train_batch: int = 8
+    accept_only_if_not_worse: bool = True
+    keep_versions: int = 5
+    autolabel_after_train: bool = True
+
+    @field_validator("model_dir", "cache_dir", "yolo_config_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return value.expanduser().resolve() if value is not None else None
+
+    @property
+    def media_cache(self) -> Path:
+        return (self.cache_dir or self.model_dir / "_cache") / "media"
+
+    @property
+    def ultralytics_dir(self) -> Path:
+        return self.yolo_config_dir or self.model_dir / "_ultralytics"
+
+    @property
+    def train_base(self) -> str:
+        return self.train_base_model or self.base_model
+
+    @property
+    def media_hosts(self) -> list[str]:
+        return [h.strip().lower() for h in self.allowed_media_hosts.split(",") if h.strip()]
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings are read once per process; tests clear this cache after changing the environment."""
+    return Settings()

@@ -1,0 +1,90 @@
+"""Load each model once per process and predict images in batches."""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .label_config import Box
+
+# Candidates below the display threshold still tell how unsure the model is about an image.
+CANDIDATE_CONF = 0.05
+
+
+@dataclass(frozen=True)
+class Detections:
+    """What a model found on one image: boxes to show and the uncertainty of the whole image."""
+
+    boxes: list[Box]
+    uncertainty: float
+
+    @property
+    def score(self) -> float:
+        """The task score Label Studio sorts by: low means a human should look first."""
+        return round(1.0 - self.uncertainty, 4)
+
+
+def image_uncertainty(confidences: list[float]) -> float:
+    """How close the most ambiguous candidate is to a coin flip: 1 at p=0.5, 0 when all are near 0 or 1."""
+    return max((1.0 - abs(2.0 * c - 1.0) for c in confidences), default=0.0)
+
+
+class ModelCache:
+    """A small LRU of loaded YOLO models keyed by weights path and modification time."""
+
+    def __init__(self, size: int = 4, device: str = ""):
+        self.size = size
+        self.device = device
+        self._models: OrderedDict[tuple[str, int], object] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[tuple[str, int], threading.Lock] = {}
+
+    def get(self, weights: Path):
+        key = (str(weights), weights.stat().st_mtime_ns)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:
+            with self._lock:
+                if key in self._models:
+                    return self._models[key]
+            from ultralytics import YOLO
+
+            model = YOLO(str(weights), task="detect")
+            with self._lock:
+                self._models[key] = model
+                self._loading.pop(key, None)
+                while len(self._models) > self.size:
+                    self._models.popitem(last=False)
+            return model
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return [path for path, _ in self._models]
+
+
+def predict(model, images: list[np.ndarray], label_map: dict[int, str], imgsz: int, conf: float,
+            batch: int, device: str = "") -> list[Detections]:
+    """Run the model over BGR images in batches and keep the classes the project knows, named by its labels."""
+    out: list[Detections] = []
+    kwargs = {"imgsz": imgsz, "conf": min(conf, CANDIDATE_CONF), "verbose": False}
+    if device:
+        kwargs["device"] = device
+    for start in range(0, len(images), max(1, batch)):
+        for result in model.predict(images[start:start + batch], **kwargs):
+            data = result.boxes.data.cpu().numpy() if result.boxes is not None else np.zeros((0, 6))
+            boxes, candidates = [], []
+            for x1, y1, x2, y2, score, cls in data[:, :6]:
+                label = label_map.get(int(cls))
+                if label is None:
+                    continue
+                candidates.append(float(score))
+                if score >= conf:
+                    boxes.append(Box(label, float(x1), float(y1), float(x2), float(y2), float(score)))
+            out.append(Detections(boxes, image_uncertainty(candidates)))
+    return out
