@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import secrets
@@ -51,16 +52,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     queue = (RQQueue(settings.model_dir, settings.redis_url, settings.queue_name, settings.job_timeout)
              if settings.redis_url else LocalQueue(settings.model_dir, train_project))
     scheduler = Scheduler(backend, queue)
-    app = FastAPI(title="YOLO backend for Label Studio")
-    app.state.backend, app.state.queue, app.state.scheduler = backend, queue, scheduler
 
-    @app.on_event("startup")
-    def _warm() -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
         backend.warm_up()
-
-    @app.on_event("shutdown")
-    def _close() -> None:
+        yield
         scheduler.close()
+
+    app = FastAPI(title="YOLO backend for Label Studio", lifespan=lifespan)
+    app.state.backend, app.state.queue, app.state.scheduler = backend, queue, scheduler
 
     @app.middleware("http")
     async def basic_auth_and_timing(request: Request, call_next):
