@@ -87,7 +87,9 @@ class Backend:
         return resolve_weights(self.settings.train_base, self.settings.model_dir / "_weights", self.settings.allow_downloads)
 
     def warm_up(self) -> None:
-        """Load the base model in the background so the first request does not pay for it."""
+        """Import Ultralytics now (torch's first import is not thread-safe), then load the base model in the background."""
+        import ultralytics  # noqa: F401
+
         def load() -> None:
             try:
                 self.models.get(self.base_weights())

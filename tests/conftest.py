@@ -63,6 +63,7 @@ class MediaHandler(http.server.BaseHTTPRequestHandler):
     """Serves files the way Label Studio does: uploads and local files need a token, other paths do not."""
 
     root: Path
+    api: dict  # path -> JSON answer, for the few API routes the backend reads
     token: str = TOKEN
     refresh_token: str = ""
     seen: list
@@ -85,6 +86,12 @@ class MediaHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.seen.append((self.path, self.headers.get("Authorization")))
         parsed = urllib.parse.urlsplit(self.path)
+        if parsed.path in self.api:
+            if not self._authorized():
+                self._send(401, b'{"detail":"Authentication credentials were not provided."}')
+            else:
+                self._send(200, json.dumps(self.api[parsed.path]).encode())
+            return
         if parsed.path.startswith("/data/"):
             if not self._authorized():
                 self._send(401, b'{"detail":"Authentication credentials were not provided."}')
@@ -113,7 +120,7 @@ class MediaServer:
 
     def __init__(self, root: Path):
         self.root = root
-        handler = type("Handler", (MediaHandler,), {"root": root, "seen": []})
+        handler = type("Handler", (MediaHandler,), {"root": root, "seen": [], "api": {}})
         self.handler = handler
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
