@@ -234,3 +234,44 @@ def test_killed_worker_leaves_served_model_untouched(make_client, backend_env, m
     StartedJobRegistry(queue=Queue("ls-yolo-train", connection=redis_db)).cleanup(time.time() + 3600)
     job = client.get("/status/1").json()["job"]
     assert job["state"] == "failed" and "worker" in job["error"]
+
+
+def test_a_worse_version_is_kept_as_rejected_and_the_served_one_stays(backend_env, tmp_path, bccd, backbone_weights):
+    """v2 learns swapped class names; judged on the same held-out tasks it loses to v1 and is not served."""
+    from model.label_config import parse_label_config
+    from model.pipeline import run_training
+    from model.project_store import ProjectStore
+    from model.registry import ProjectRegistry
+    from model.trainer import TrainParams
+    from model.yolo_import import to_result
+
+    names, train, _ = bccd
+    backend_env()
+    store, registry = ProjectStore(tmp_path / "m", 1), ProjectRegistry(tmp_path / "m", 1)
+    control = parse_label_config(label_config(names))
+    params = TrainParams(epochs=25, imgsz=256, time_budget=0, freeze=0)
+    fetch = lambda record: Path(record["data"]["image"])
+
+    def annotate(swap: bool) -> None:
+        for task_id, item in enumerate(train[:12], start=1):
+            result = to_result(item, names)
+            if swap and not is_held_out(task_id):
+                for region in result:
+                    label = region["value"]["rectanglelabels"][0]
+                    region["value"]["rectanglelabels"] = [names[(names.index(label) + 1) % len(names)]]
+            store.put({"task_id": task_id, "annotation_id": task_id, "data": {"image": str(item.image)},
+                       "result": result, "cancelled": False})
+
+    from model.dataset import is_held_out
+
+    annotate(swap=False)
+    first = run_training(store, registry, control, fetch, backbone_weights, params, 10, True, 5)
+    assert first.accepted and registry.current_name() == "v1"
+    annotate(swap=True)
+    second = run_training(store, registry, control, fetch, backbone_weights, params, 10, True, 5)
+    assert not second.accepted and "worse" in second.reason
+    assert registry.current_name() == "v1"
+    rejected = registry.get("v2")
+    assert rejected.meta["status"] == "rejected" and rejected.weights.is_file()
+    assert rejected.meta["metrics"]["fitness"] < rejected.meta["parent_metrics"]["fitness"]
+    assert rejected.meta["val_tasks"] == registry.get("v1").meta["val_tasks"]
