@@ -1,0 +1,1 @@
+"""End-to-end tests against a real Label Studio (marker: e2e)."""
