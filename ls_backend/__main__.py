@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     rollback.add_argument("--version", help="e.g. v3; default: the version before the current one")
     train = sub.add_parser("train", help="train a project now, in this process, from its stored annotations")
     train.add_argument("--project", required=True)
+    autolabel = sub.add_parser("autolabel", help="predict every unlabeled task with the served version and store it in Label Studio")
+    autolabel.add_argument("--project", required=True)
     args = parser.parse_args(argv)
     if args.command in (None, "serve"):
         return serve()
@@ -48,10 +50,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"project {args.project} now serves {version.name}")
         return 0
-    from .jobs import train_project
+    from .jobs import autolabel_project, train_project
 
-    print(json.dumps(train_project(args.project), indent=1))
-    return 0
+    result = train_project(args.project) if args.command == "train" else autolabel_project(args.project, progress_bar=True)
+    print(json.dumps(result, indent=1, default=str))
+    return 0 if result.get("state") in ("finished", "superseded") else 1
 
 
 if __name__ == "__main__":

@@ -11,15 +11,15 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from model.label_config import ConfigError, parse_label_config
 from model.weights import WeightsUnavailable
 
-from . import metrics
+from . import metrics, report
 from .backend import Backend, project_id
 from .events import BadEvent, handle_event, remember_config
-from .jobs import set_backend, train_project
+from .jobs import autolabel_project, set_backend, set_queue, train_project
 from .queues import LocalQueue, RQQueue
 from .scheduler import Scheduler
 from .settings import Settings, get_settings
@@ -50,7 +50,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     backend = Backend(settings)
     set_backend(backend)
     queue = (RQQueue(settings.model_dir, settings.redis_url, settings.queue_name, settings.job_timeout)
-             if settings.redis_url else LocalQueue(settings.model_dir, train_project))
+             if settings.redis_url else LocalQueue(settings.model_dir, {"train": train_project,
+                                                                         "autolabel": autolabel_project}))
+    set_queue(queue)
     scheduler = Scheduler(backend, queue)
 
     @contextlib.asynccontextmanager
@@ -83,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "base_model": settings.base_model,
             "base_model_error": backend.base_error,
             "models_loaded": backend.models.loaded(),
-            "training_pending_queue": sorted(scheduler.pending),
+            "waiting_for_queue": sorted(f"{kind}:{project}" for kind, project in scheduler.pending),
         }
 
     @app.post("/setup")
@@ -112,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except (ValueError, ConfigError) as exc:
             return error(400, f"cannot predict: {exc}")
         try:
-            version, results = await run_in_threadpool(backend.predict_tasks, project, control, tasks)
+            version, results, _ = await run_in_threadpool(backend.predict_tasks, project, control, tasks)
         except WeightsUnavailable as exc:
             return error(503, f"no model to predict with: {exc}")
         metrics.PREDICTED_TASKS.inc(len(tasks))
@@ -155,8 +157,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "model_version": backend.model_version(project),
             "annotated_tasks": total,
             "job": queue.status(project),
+            "autolabel": queue.status(project, "autolabel"),
             "versions": [v.meta for v in registry.versions()],
         }
+
+    @app.get("/projects/{project}/")
+    async def project_page(project: str):
+        try:
+            project = project_id(project)
+        except ValueError as exc:
+            return error(400, str(exc))
+        rows = await run_in_threadpool(report.version_rows, backend, project)
+        return HTMLResponse(report.page_html(project, backend.model_version(project), rows, queue.status(project),
+                                             queue.status(project, "autolabel")))
+
+    @app.get("/projects/{project}/plot.png")
+    async def project_plot(project: str):
+        try:
+            project = project_id(project)
+        except ValueError as exc:
+            return error(400, str(exc))
+        rows = await run_in_threadpool(report.version_rows, backend, project)
+        return Response(await run_in_threadpool(report.plot_png, rows), media_type="image/png")
+
+    @app.post("/autolabel/{project}")
+    async def autolabel(project: str):
+        """Pre-annotate every unlabeled task with the served version (protect it with BASIC_AUTH_*)."""
+        try:
+            project = project_id(project)
+        except ValueError as exc:
+            return error(400, str(exc))
+        if not backend.registry(project).current_name():
+            return error(409, f"project {project} has no trained version yet")
+        return {"project": project, "autolabel": await run_in_threadpool(scheduler.request, project, "autolabel")}
 
     @app.get("/metrics")
     async def metrics_route():

@@ -126,8 +126,9 @@ class Backend:
 
         return list(self.io_pool.map(one, tasks))
 
-    def predict_tasks(self, project: str, control: RectangleLabelsControl, tasks: list[dict]) -> tuple[str, list[dict]]:
-        """One Label Studio prediction per task, in order; a task whose image fails gets an empty result."""
+    def predict_tasks(self, project: str, control: RectangleLabelsControl,
+                      tasks: list[dict]) -> tuple[str, list[dict], set[int]]:
+        """One Label Studio prediction per task, in order, and the indices whose image failed (empty result)."""
         version, weights, is_base = self.serving(project)
         model = self.models.get(weights)
         label_map = control.model_label_map(model.names, aliases=is_base)
@@ -139,12 +140,14 @@ class Backend:
             found = predict(model, [images[i] for i in good], label_map, s.predict_imgsz, s.predict_conf,
                             s.predict_batch, s.device)
             detections = dict(zip(good, found))
-        results = []
-        for i, image in enumerate(images):
+        results, store = [], self.store(project)
+        for i, (task, image) in enumerate(zip(tasks, images)):
             item = {"result": [], "score": 0.0, "model_version": version}
             if i in detections:
                 h, w = image.shape[:2]
                 item["result"] = [control.to_region(box, w, h) for box in detections[i].boxes]
                 item["score"] = detections[i].score
+            if not isinstance(image, Exception) and task.get("id") is not None:
+                store.remember_prediction(task["id"], version, item["result"])
             results.append(item)
-        return version, results
+        return version, results, {i for i, image in enumerate(images) if isinstance(image, Exception)}

@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 
 from model.label_config import ConfigError, parse_label_config
-from model.project_store import annotation_record
+from model.effort import compare
+from model.project_store import ProjectStore, annotation_record
 
 from .backend import Backend, project_id
 from .jobs import resync_flag
@@ -33,6 +34,21 @@ def remember_config(backend: Backend, project: str, config: str | None, **extra)
     store.update_info(label_config=config, **extra)
 
 
+def measure_effort(store: ProjectStore, record: dict) -> None:
+    """Compare the submitted boxes with the prediction we gave the task, if we gave one."""
+    predicted = store.prediction(record["task_id"])
+    if not predicted:
+        return
+    try:
+        control = parse_label_config(store.info().get("label_config", ""))
+    except ConfigError:
+        return
+    ours, _ = control.from_result(predicted["result"])
+    theirs, _ = control.from_result(record["result"])
+    effort = compare(ours, theirs)
+    store.put_effort(record["task_id"], {"version": predicted["version"], **effort.as_dict()})
+
+
 def handle_event(backend: Backend, scheduler: Scheduler, payload: dict) -> dict:
     """Apply one event; everything slow (training, resync) is left to the job."""
     if not isinstance(payload, dict) or not payload.get("action"):
@@ -57,11 +73,14 @@ def handle_event(backend: Backend, scheduler: Scheduler, payload: dict) -> dict:
                 store.remove_task(record["task_id"])
         else:
             store.put(record)
+            measure_effort(store, record)
         training = scheduler.after_annotation(project)
     elif action == "ANNOTATIONS_DELETED":
         ids = {a.get("id") for a in payload.get("annotations") or [] if isinstance(a, dict)}
         removed = store.delete_annotations(ids)
         log.info("project %s: forgot %d of %d deleted annotations", project, removed, len(ids))
+    elif action == "TASKS_CREATED" and backend.registry(project).current_name():
+        training = scheduler.autolabel(project)
     elif action == "START_TRAINING":
         resync_flag(backend, project).parent.mkdir(parents=True, exist_ok=True)
         resync_flag(backend, project).touch()

@@ -105,23 +105,116 @@ def train_project(project: str) -> dict:
     result = {"state": "finished", "version": outcome.version.name, "accepted": outcome.accepted,
               "reason": outcome.reason, "metrics": outcome.metrics, "seconds": round(time.time() - started, 1)}
     write_status(s.model_dir, project, **result, finished=time.time())
+    if outcome.accepted and s.autolabel_after_train and backend.client(project) is not None:
+        try:
+            get_queue().schedule(project, "autolabel")
+        except Exception as exc:  # the version is served either way; autolabel can be asked for again
+            log.error("project %s: could not queue auto-labeling: %s", project, exc)
     return result
 
 
-def run_queued(project: str) -> dict:
-    """The RQ entry point: leave the waiting slot, wait for the project's lock, then train."""
+def _labeled(task: dict) -> bool:
+    return any(not a.get("was_cancelled") for a in task.get("annotations") or []) or (
+        "annotations" not in task and bool(task.get("total_annotations")))
+
+
+def _predicted_by(task: dict, version: str) -> bool:
+    return any(p.get("model_version") == version for p in task.get("predictions") or [])
+
+
+def autolabel_project(project: str, progress_bar: bool = False) -> dict:
+    """Predict every unlabeled task lacking a prediction of the served version and store it in Label Studio.
+
+    Safe to interrupt: a rerun skips what already holds this version's prediction. Stops when a newer version
+    is served, since its own run will redo the rest.
+    """
+    from tqdm import tqdm
+
+    backend = get_backend()
+    s = backend.settings
+    version = backend.registry(project).current_name()
+    if version is None:
+        return write_status(s.model_dir, project, "autolabel", state="skipped", reason="no trained version yet")
+    write_status(s.model_dir, project, "autolabel", state="running", version=version, done=0, total=None,
+                 started=time.time(), error=None, reason=None)
+    try:
+        client = backend.client(project)
+        if client is None:
+            raise LabelStudioError("no Label Studio URL known: set LABEL_STUDIO_URL")
+        control = parse_label_config(backend.store(project).info().get("label_config", ""))
+        todo = [t for t in client.iter_tasks(project) if not _labeled(t) and not _predicted_by(t, version)]
+        done = failed = 0
+        state = "finished"
+        with tqdm(total=len(todo), desc=f"project {project} {version}", unit="task", disable=not progress_bar) as bar:
+            for start in range(0, len(todo), max(1, s.predict_batch)):
+                batch = todo[start:start + s.predict_batch]
+                used, results, broken = backend.predict_tasks(project, control, batch)
+                if used != version:
+                    state = "superseded"
+                    break
+                for i, (task, item) in enumerate(zip(batch, results)):
+                    if i in broken:
+                        failed += 1
+                        continue
+                    client.create_prediction(task["id"], item["result"], item["score"], version)
+                    done += 1
+                bar.update(len(batch))
+                write_status(s.model_dir, project, "autolabel", done=done, failed=failed, total=len(todo))
+    except Exception as exc:
+        write_status(s.model_dir, project, "autolabel", state="failed", error=f"{type(exc).__name__}: {exc}",
+                     finished=time.time())
+        raise
+    reason = f"{backend.registry(project).current_name()} replaced {version}" if state == "superseded" else None
+    return write_status(s.model_dir, project, "autolabel", state=state, reason=reason, done=done, failed=failed,
+                        total=len(todo), finished=time.time())
+
+
+_queue = None
+
+
+def set_queue(queue) -> None:
+    """The server hands its queue to in-process jobs so a training job can queue auto-labeling."""
+    global _queue
+    _queue = queue
+
+
+def get_queue():
+    """The server's queue, or in a worker process an RQ queue on the same Redis."""
+    global _queue
+    if _queue is None:
+        from .queues import RQQueue
+
+        s = get_settings()
+        _queue = RQQueue(s.model_dir, s.redis_url, s.queue_name, s.job_timeout)
+    return _queue
+
+
+def _run_rq(kind: str, project: str, run) -> dict:
+    """Leave the waiting slot, wait for the project's lock for this kind of job, then run it."""
     from rq import get_current_job
 
-    from .queues import WAITING, hold_training_lock
+    from .queues import WAITING, hold_lock
 
     job = get_current_job()
     redis = job.connection
-    key = WAITING.format(project=project)
+    key = WAITING.format(kind=kind, project=project)
     if (redis.get(key) or b"").decode() == job.id:
         redis.delete(key)
-    release = hold_training_lock(redis, project, job.id)
+    release = hold_lock(redis, kind, project)
     try:
-        write_status(get_settings().model_dir, project, job_id=job.id, queue="rq")
-        return train_project(project)
+        write_status(get_settings().model_dir, project, kind, job_id=job.id, queue="rq")
+        return run(project)
     finally:
         release()
+
+
+def run_queued(project: str) -> dict:
+    """RQ entry point of a training job."""
+    return _run_rq("train", project, train_project)
+
+
+def run_queued_autolabel(project: str) -> dict:
+    """RQ entry point of an auto-labeling job."""
+    return _run_rq("autolabel", project, autolabel_project)
+
+

@@ -22,7 +22,8 @@ class LabelStudioError(RuntimeError):
 def http_session() -> requests.Session:
     """A session that retries idempotent calls on connection errors and 5xx."""
     session = requests.Session()
-    retry = Retry(total=3, backoff_factor=0.3, status_forcelist=(502, 503, 504), allowed_methods=None)
+    # POST is not retried: a prediction stored before the connection dropped must not be stored twice.
+    retry = Retry(total=3, backoff_factor=0.3, status_forcelist=(502, 503, 504))
     session.mount("http://", HTTPAdapter(max_retries=retry, pool_maxsize=16))
     session.mount("https://", HTTPAdapter(max_retries=retry, pool_maxsize=16))
     return session

@@ -4,6 +4,8 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from . import report
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 REGISTRY = CollectorRegistry()
 REQUESTS = Histogram("lsyolo_request_seconds", "Request latency by route", ["route", "status"], registry=REGISTRY,
@@ -24,6 +26,12 @@ def render(backend, queue) -> bytes:
         "annotated": GaugeMetricFamily("lsyolo_annotated_tasks", "Annotated tasks stored", labels=["project"]),
         "map50": GaugeMetricFamily("lsyolo_served_map50", "Held-out mAP50 of the served version", labels=["project", "version"]),
         "job": GaugeMetricFamily("lsyolo_job_running", "1 while a training job runs", labels=["project", "state"]),
+        "boxes": GaugeMetricFamily("lsyolo_corrected_boxes", "Boxes by what the annotator did to our prediction",
+                                   labels=["project", "version", "outcome"]),
+        "acceptance": GaugeMetricFamily("lsyolo_acceptance_rate", "Share of predicted boxes kept unchanged",
+                                        labels=["project", "version"]),
+        "touched": GaugeMetricFamily("lsyolo_boxes_touched_per_box", "Boxes a human had to touch per final box",
+                                     labels=["project", "version"]),
     }
     root = backend.settings.model_dir
     for path in sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []:
@@ -34,6 +42,11 @@ def render(backend, queue) -> bytes:
         current = registry.current()
         if current is not None:
             families["map50"].add_metric([project, current.name], current.meta.get("metrics", {}).get("map50", 0.0))
+        for version, effort in report.effort_by_version(backend, project).items():
+            for outcome in ("kept", "moved", "relabelled", "deleted", "added"):
+                families["boxes"].add_metric([project, version, outcome], getattr(effort, outcome))
+            families["acceptance"].add_metric([project, version], effort.acceptance)
+            families["touched"].add_metric([project, version], effort.touched_per_box)
         state = queue.status(project).get("state", "none")
         families["job"].add_metric([project, state], 1.0 if state == "running" else 0.0)
     lines = b""

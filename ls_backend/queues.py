@@ -1,7 +1,7 @@
-"""Where training jobs wait: RQ over Redis when REDIS_URL is set, a thread in the server otherwise.
+"""Where jobs wait: RQ over Redis when REDIS_URL is set, a thread in the server otherwise.
 
-Both keep at most one job running and one waiting per project; a request while one waits is folded into it,
-because a job reads the annotations when it starts, not when it is queued.
+Both keep at most one job of a kind running and one waiting per project; a request while one waits is folded
+into it, because a job reads the project's state when it starts, not when it is queued.
 """
 from __future__ import annotations
 
@@ -16,17 +16,18 @@ from .job_status import read_status, write_status
 
 log = logging.getLogger(__name__)
 
-WAITING = "lsyolo:waiting:{project}"
-LOCK = "lsyolo:train-lock:{project}"
+JOB_FUNCTIONS = {"train": "ls_backend.jobs.run_queued", "autolabel": "ls_backend.jobs.run_queued_autolabel"}
+WAITING = "lsyolo:waiting:{kind}:{project}"
+LOCK = "lsyolo:lock:{kind}:{project}"
 LOCK_TTL = 90  # seconds; a killed worker's lock expires, a live one refreshes it
 
 
-class TrainQueue(Protocol):
+class JobQueue(Protocol):
     kind: str
 
-    def schedule(self, project: str) -> str: ...
+    def schedule(self, project: str, kind: str = "train") -> str: ...
 
-    def status(self, project: str) -> dict: ...
+    def status(self, project: str, kind: str = "train") -> dict: ...
 
 
 class LocalQueue:
@@ -34,21 +35,20 @@ class LocalQueue:
 
     kind = "in-process"
 
-    def __init__(self, model_dir, run: Callable[[str], object]):
+    def __init__(self, model_dir, runners: dict[str, Callable[[str], object]]):
         self.model_dir = model_dir
-        self.run = run
-        self._waiting: deque[str] = deque()
-        self._running: str | None = None
+        self.runners = runners
+        self._waiting: deque[tuple[str, str]] = deque()
+        self._running: tuple[str, str] | None = None
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name="train-worker", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._loop, name="job-worker", daemon=True).start()
 
-    def schedule(self, project: str) -> str:
+    def schedule(self, project: str, kind: str = "train") -> str:
         with self._cond:
-            if project in self._waiting:
+            if (kind, project) in self._waiting:
                 return "folded"
-            self._waiting.append(project)
-            write_status(self.model_dir, project, state="queued", queued=time.time(), queue=self.kind)
+            self._waiting.append((kind, project))
+            write_status(self.model_dir, project, kind, state="queued", queued=time.time(), queue=self.kind)
             self._cond.notify()
             return "queued"
 
@@ -57,11 +57,11 @@ class LocalQueue:
             with self._cond:
                 while not self._waiting:
                     self._cond.wait()
-                project = self._running = self._waiting.popleft()
+                kind, project = self._running = self._waiting.popleft()
             try:
-                self.run(project)
+                self.runners[kind](project)
             except Exception:
-                log.exception("project %s: training job failed", project)
+                log.exception("project %s: %s job failed", project, kind)
             finally:
                 with self._cond:
                     self._running = None
@@ -76,8 +76,8 @@ class LocalQueue:
                     return False
         return True
 
-    def status(self, project: str) -> dict:
-        return read_status(self.model_dir, project)
+    def status(self, project: str, kind: str = "train") -> dict:
+        return read_status(self.model_dir, project, kind)
 
 
 class RQQueue:
@@ -94,42 +94,39 @@ class RQQueue:
         self.queue = Queue(queue_name, connection=self.redis)
         self.job_timeout = job_timeout
 
-    def _waiting_job(self, project: str):
-        from rq.job import Job, JobStatus
+    def _job_status(self, job_id: str):
         from rq.exceptions import NoSuchJobError
+        from rq.job import Job
 
-        job_id = self.redis.get(WAITING.format(project=project))
-        if not job_id:
-            return None
         try:
-            job = Job.fetch(job_id.decode(), connection=self.redis)
+            return Job.fetch(job_id, connection=self.redis).get_status()
         except NoSuchJobError:
             return None
-        return job if job.get_status() in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED) else None
 
-    def schedule(self, project: str) -> str:
+    def schedule(self, project: str, kind: str = "train") -> str:
         """Enqueue a job unless one is already waiting for the project (raises if Redis is down)."""
+        from rq.job import JobStatus
+
+        key = WAITING.format(kind=kind, project=project)
         with self.redis.lock(f"lsyolo:schedule:{project}", timeout=10, blocking_timeout=2):
-            if self._waiting_job(project) is not None:
+            waiting = self.redis.get(key)
+            if waiting and self._job_status(waiting.decode()) in (JobStatus.QUEUED, JobStatus.DEFERRED):
                 return "folded"
-            job = self.queue.enqueue("ls_backend.jobs.run_queued", project, job_timeout=self.job_timeout,
-                                     job_id=f"train-{project}-{uuid.uuid4().hex[:8]}", result_ttl=86400,
+            job = self.queue.enqueue(JOB_FUNCTIONS[kind], project, job_timeout=self.job_timeout,
+                                     job_id=f"{kind}-{project}-{uuid.uuid4().hex[:8]}", result_ttl=86400,
                                      failure_ttl=7 * 86400)
-            self.redis.set(WAITING.format(project=project), job.id, ex=self.job_timeout * 4)
-        write_status(self.model_dir, project, state="queued", queued=time.time(), queue=self.kind, job_id=job.id)
+            self.redis.set(key, job.id, ex=self.job_timeout * 4)
+        write_status(self.model_dir, project, kind, state="queued", queued=time.time(), queue=self.kind, job_id=job.id)
         return "queued"
 
-    def status(self, project: str) -> dict:
+    def status(self, project: str, kind: str = "train") -> dict:
         """The job state in MODEL_DIR, corrected by RQ when a worker died without writing it."""
-        status = read_status(self.model_dir, project)
-        if status.get("state") == "running" and status.get("job_id"):
-            from rq.job import Job, JobStatus
-            from rq.exceptions import NoSuchJobError
+        from rq.job import JobStatus
 
+        status = read_status(self.model_dir, project, kind)
+        if status.get("state") == "running" and status.get("job_id"):
             try:
-                rq_state = Job.fetch(status["job_id"], connection=self.redis).get_status()
-            except NoSuchJobError:
-                rq_state = None
+                rq_state = self._job_status(status["job_id"])
             except Exception:  # Redis down: report what the file says
                 return status
             if rq_state in (None, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
@@ -137,9 +134,9 @@ class RQQueue:
         return status
 
 
-def hold_training_lock(redis, project: str, job_id: str) -> Callable[[], None]:
-    """Block until no other job trains this project, then keep the lock alive until released."""
-    lock = redis.lock(LOCK.format(project=project), timeout=LOCK_TTL, blocking=True, thread_local=False)
+def hold_lock(redis, kind: str, project: str) -> Callable[[], None]:
+    """Block until no other job of this kind works on the project, then keep the lock alive until released."""
+    lock = redis.lock(LOCK.format(kind=kind, project=project), timeout=LOCK_TTL, blocking=True, thread_local=False)
     lock.acquire()
     stop = threading.Event()
 
@@ -148,9 +145,9 @@ def hold_training_lock(redis, project: str, job_id: str) -> Callable[[], None]:
             try:
                 lock.reacquire()
             except Exception as exc:
-                log.warning("project %s: could not refresh the training lock: %s", project, exc)
+                log.warning("project %s: could not refresh the %s lock: %s", project, kind, exc)
 
-    threading.Thread(target=refresh, name="train-lock", daemon=True).start()
+    threading.Thread(target=refresh, name=f"{kind}-lock", daemon=True).start()
 
     def release() -> None:
         stop.set()

@@ -8,7 +8,7 @@ from model.pipeline import trained_upto
 
 from .backend import Backend
 from .job_status import write_status
-from .queues import TrainQueue
+from .queues import JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -18,29 +18,32 @@ RETRY_SECONDS = 5.0
 class Scheduler:
     """Training policy (MIN_ANNOTATIONS, RETRAIN_EVERY) in front of whichever queue is in use."""
 
-    def __init__(self, backend: Backend, queue: TrainQueue):
+    def __init__(self, backend: Backend, queue: JobQueue):
         self.backend = backend
         self.queue = queue
-        self.pending: set[str] = set()
+        self.pending: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         threading.Thread(target=self._retry_loop, name="schedule-retry", daemon=True).start()
 
-    def request(self, project: str) -> str:
-        """Queue a training job; if the queue is unreachable, remember the project and retry later."""
+    def request(self, project: str, kind: str = "train") -> str:
+        """Queue a job; if the queue is unreachable, remember it and retry until Redis is back."""
         try:
-            outcome = self.queue.schedule(project)
+            outcome = self.queue.schedule(project, kind)
         except Exception as exc:  # Redis down or refusing: the annotation is already on disk
             with self._lock:
-                self.pending.add(project)
-            log.error("project %s: cannot queue training (%s: %s); annotations are kept and it will be retried",
-                      project, type(exc).__name__, exc)
-            write_status(self.backend.settings.model_dir, project, state="pending",
+                self.pending.add((kind, project))
+            log.error("project %s: cannot queue %s (%s: %s); annotations are kept and it will be retried",
+                      project, kind, type(exc).__name__, exc)
+            write_status(self.backend.settings.model_dir, project, kind, state="pending",
                          error=f"queue unreachable: {exc}")
             return "pending"
         with self._lock:
-            self.pending.discard(project)
+            self.pending.discard((kind, project))
         return outcome
+
+    def autolabel(self, project: str) -> str | None:
+        return self.request(project, "autolabel") if self.backend.settings.autolabel_after_train else None
 
     def due(self, project: str) -> bool:
         """First training at MIN_ANNOTATIONS labeled tasks, then after every RETRAIN_EVERY changed ones."""
@@ -58,9 +61,9 @@ class Scheduler:
         while not self._stop.wait(RETRY_SECONDS):
             with self._lock:
                 projects = list(self.pending)
-            for project in projects:
-                if self.request(project) != "pending":
-                    log.info("project %s: queue reachable again, training queued", project)
+            for kind, project in projects:
+                if self.request(project, kind) != "pending":
+                    log.info("project %s: queue reachable again, %s queued", project, kind)
 
     def close(self) -> None:
         self._stop.set()

@@ -31,6 +31,8 @@ class ProjectStore:
         self.root = Path(model_dir) / self.project
         self.annotations_dir = self.root / "annotations"
         self.info_file = self.root / "project.json"
+        self.predictions_dir = self.root / "predictions"
+        self.effort_dir = self.root / "effort"
 
     def info(self) -> dict:
         return read_json(self.info_file, {}) or {}
@@ -100,3 +102,19 @@ class ProjectStore:
             for path in self.annotations_dir.glob("*.json"):
                 if path.name not in keep:
                     path.unlink(missing_ok=True)
+
+    def remember_prediction(self, task_id: int, version: str, result: list[dict]) -> None:
+        """The last prediction we gave a task, to compare with what the human finally submits."""
+        write_json(self.predictions_dir / f"{int(task_id)}.json", {"version": version, "result": result})
+
+    def prediction(self, task_id: int) -> dict | None:
+        return read_json(self.predictions_dir / f"{int(task_id)}.json")
+
+    def put_effort(self, task_id: int, effort: dict) -> None:
+        """One comparison per task: an updated annotation replaces the task's earlier figures."""
+        write_json(self.effort_dir / f"{int(task_id)}.json", effort)
+
+    def efforts(self) -> list[dict]:
+        if not self.effort_dir.is_dir():
+            return []
+        return [e for e in (read_json(p) for p in sorted(self.effort_dir.glob("*.json"))) if e]

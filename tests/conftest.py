@@ -64,6 +64,10 @@ class MediaHandler(http.server.BaseHTTPRequestHandler):
 
     root: Path
     api: dict  # path -> JSON answer, for the few API routes the backend reads
+    tasks: list  # what /api/tasks lists, page by page
+    predictions: list  # what was POSTed to /api/predictions
+    fail_after: int | None  # answer 500 once this many predictions were stored, as a crash would
+    on_prediction: object  # called with the count after each stored prediction
     token: str = TOKEN
     refresh_token: str = ""
     seen: list
@@ -76,6 +80,20 @@ class MediaHandler(http.server.BaseHTTPRequestHandler):
         return header == f"Token {self.token}" or (self.refresh_token and header == "Bearer access-from-refresh")
 
     def do_POST(self) -> None:
+        if self.path == "/api/predictions":
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            if not self._authorized() or (self.fail_after is not None and len(self.predictions) >= self.fail_after):
+                self._send(401 if not self._authorized() else 500, b"{}")
+                return
+            self.predictions.append(body)
+            for task in self.tasks:
+                if task["id"] == body["task"]:
+                    task.setdefault("predictions", []).append(body)
+            hook = vars(type(self)).get("on_prediction")
+            if hook:
+                hook(len(self.predictions))
+            self._send(201, json.dumps({"id": len(self.predictions), **body}).encode())
+            return
         if self.path == "/api/token/refresh/":
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
             ok = self.refresh_token and body.get("refresh") == self.refresh_token
@@ -86,6 +104,15 @@ class MediaHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.seen.append((self.path, self.headers.get("Authorization")))
         parsed = urllib.parse.urlsplit(self.path)
+        if parsed.path == "/api/tasks" and self._authorized():
+            query = urllib.parse.parse_qs(parsed.query)
+            page, size = int(query["page"][0]), int(query["page_size"][0])
+            chunk = self.tasks[(page - 1) * size: page * size]
+            if page > 1 and not chunk:
+                self._send(404, b'{"detail": "Invalid page."}')
+            else:
+                self._send(200, json.dumps({"tasks": chunk, "total": len(self.tasks)}).encode())
+            return
         if parsed.path in self.api:
             if not self._authorized():
                 self._send(401, b'{"detail":"Authentication credentials were not provided."}')
@@ -120,7 +147,8 @@ class MediaServer:
 
     def __init__(self, root: Path):
         self.root = root
-        handler = type("Handler", (MediaHandler,), {"root": root, "seen": [], "api": {}})
+        handler = type("Handler", (MediaHandler,), {"root": root, "seen": [], "api": {}, "tasks": [],
+                                                     "predictions": [], "fail_after": None, "on_prediction": None})
         self.handler = handler
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"

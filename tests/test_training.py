@@ -190,11 +190,11 @@ def test_redis_down_keeps_annotations_and_training_resumes(make_client, backend_
         assert time.perf_counter() - started < 1.0
         assert answer["training"] == "pending"
         assert len(client.app.state.backend.store("1").records()) == 10
-        assert client.get("/health").json()["training_pending_queue"] == ["1"]
+        assert client.get("/health").json()["waiting_for_queue"] == ["train:1"]
         server = subprocess.Popen(start, stdout=subprocess.DEVNULL)
         wait_for(lambda: _pings(connection), 10, "redis back")
         wait_for(lambda: client.get("/status/1").json()["job"].get("state") == "queued", 20, "retried enqueue")
-        assert client.get("/health").json()["training_pending_queue"] == []
+        assert client.get("/health").json()["waiting_for_queue"] == []
         done = run_burst_worker(backend_env(redis_url=url))
         assert done.returncode == 0, done.stderr[-2000:]
         assert client.get("/status/1").json()["model_version"] == "v1"

@@ -1,0 +1,85 @@
+"""Per-project figures over versions: quality on held-out tasks and effort measured from real corrections."""
+from __future__ import annotations
+
+import html
+import io
+
+from model.effort import Effort
+
+from .backend import Backend
+
+EFFORT_FIELDS = ("kept", "moved", "relabelled", "deleted", "added", "iou_sum")
+
+
+def effort_by_version(backend: Backend, project: str) -> dict[str, Effort]:
+    """Sum the per-task comparisons by the version whose prediction the annotator saw."""
+    totals: dict[str, Effort] = {}
+    for record in backend.store(project).efforts():
+        effort = Effort(**{k: record.get(k, 0) for k in EFFORT_FIELDS})
+        totals[record["version"]] = totals.get(record["version"], Effort()) + effort
+    return totals
+
+
+def version_rows(backend: Backend, project: str) -> list[dict]:
+    """One row per version that was trained or whose predictions were corrected, oldest first."""
+    efforts = effort_by_version(backend, project)
+    rows = []
+    for version in backend.registry(project).versions():
+        effort = efforts.pop(version.name, None)
+        rows.append({"version": version.name, "status": version.meta.get("status"),
+                     "annotations": version.meta.get("annotations"),
+                     "map50": version.meta.get("metrics", {}).get("map50"),
+                     "effort": effort.as_dict() if effort else None})
+    for name, effort in sorted(efforts.items()):  # base model predictions, before any training
+        rows.insert(0, {"version": name, "status": "base", "annotations": 0, "map50": None, "effort": effort.as_dict()})
+    return rows
+
+
+def plot_png(rows: list[dict]) -> bytes:
+    """Acceptance rate, boxes touched per box, and held-out mAP50 across versions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["version"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    series = {
+        "acceptance rate": [r["effort"]["acceptance"] if r["effort"] else None for r in rows],
+        "boxes touched per box": [r["effort"]["touched_per_box"] if r["effort"] else None for r in rows],
+        "held-out mAP50": [r["map50"] for r in rows],
+    }
+    for label, values in series.items():
+        points = [(i, v) for i, v in enumerate(values) if v is not None]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("model version")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return out.getvalue()
+
+
+def page_html(project: str, model_version: str, rows: list[dict], job: dict, autolabel: dict) -> str:
+    """A small status page: what is served, how it was judged, how much humans had to fix."""
+    def cell(value) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else html.escape(str(value if value is not None else "–"))
+
+    body = "".join(
+        "<tr>" + "".join(f"<td>{cell(v)}</td>" for v in (
+            r["version"], r["status"], r["annotations"], r["map50"],
+            r["effort"]["final"] if r["effort"] else None, r["effort"]["acceptance"] if r["effort"] else None,
+            r["effort"]["touched_per_box"] if r["effort"] else None)) + "</tr>" for r in rows)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Project {html.escape(project)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em .8em;border-bottom:1px solid #ddd}}</style></head>
+<body><h1>Project {html.escape(project)}</h1><p>Serving <b>{html.escape(model_version)}</b>.
+Training: {cell(job.get('state'))}. Auto-labeling: {cell(autolabel.get('state'))}
+({cell(autolabel.get('done'))} of {cell(autolabel.get('total'))} tasks).</p>
+<table><tr><th>version</th><th>status</th><th>annotations</th><th>held-out mAP50</th><th>corrected boxes</th>
+<th>acceptance rate</th><th>boxes touched per box</th></tr>{body}</table>
+<p><img src="plot.png" alt="figures over versions"></p></body></html>"""
