@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from model.label_config import ConfigError, parse_label_config
-from model.pipeline import NotEnoughData, run_training
+from model.pipeline import NotEnoughData, run_training, trained_upto
 from model.project_store import annotation_record
 from model.trainer import TrainParams
 
@@ -69,47 +69,75 @@ def resync(backend: Backend, project: str) -> int:
     return len(records)
 
 
+def next_run(backend: Backend, project: str, resync_requested: bool) -> tuple[str, float] | None:
+    """What kind of run is worth doing now: an update for new annotations, else a longer refinement, else none."""
+    s = backend.settings
+    registry = backend.registry(project)
+    _, changed = backend.store(project).counts(since=trained_upto(registry))
+    current = registry.current()
+    if resync_requested:
+        return "full", s.refine_time_budget or s.train_time_budget
+    if changed or current is None:
+        return "update", s.train_time_budget
+    if s.refine_time_budget > 0 and not current.meta.get("refined"):
+        return "refine", s.refine_time_budget
+    return None
+
+
 def train_project(project: str) -> dict:
-    """Resync when needed, train a version, and record the outcome in the project's job state."""
+    """Resync when needed, train a version, and record the outcome in the project's job state.
+
+    A quick update is served first; when no newer annotations wait, a longer refinement of the same data follows.
+    """
     backend = get_backend()
     s = backend.settings
     started = time.time()
     write_status(s.model_dir, project, state="running", started=started, progress=None, error=None, reason=None)
     try:
         flag = resync_flag(backend, project)
-        if flag.exists() or project not in _synced:
+        resync_requested = flag.exists()
+        if resync_requested or project not in _synced:
             try:
                 flag.unlink(missing_ok=True)
                 resync(backend, project)
                 _synced.add(project)
             except LabelStudioError as exc:
                 log.warning("project %s: training on stored annotations only: %s", project, exc)
+        run = next_run(backend, project, resync_requested)
+        if run is None:
+            raise NotEnoughData("nothing new to learn: no annotation changed since the served version")
+        kind, budget = run
         store = backend.store(project)
         control = parse_label_config(store.info().get("label_config", ""))
         fetcher = backend.fetcher(project)
-        params = TrainParams(s.train_epochs, s.train_imgsz, s.train_time_budget, s.train_freeze, s.train_batch, s.device)
+        params = TrainParams(s.train_epochs, s.train_imgsz, budget, s.train_freeze, s.train_batch, s.device)
 
         def progress(epoch: int, epochs: int) -> None:
-            write_status(s.model_dir, project, progress={"epoch": epoch, "epochs": epochs})
+            write_status(s.model_dir, project, progress={"epoch": epoch, "epochs": epochs, "run": kind})
 
         outcome = run_training(store, backend.registry(project), control,
                                lambda record: fetcher.fetch(record["data"].get(control.value_key)),
                                backend.train_base_weights(), params, s.min_annotations, s.accept_only_if_not_worse,
-                               s.keep_versions, progress)
+                               s.keep_versions, progress, refined=kind != "update")
     except (NotEnoughData, ConfigError) as exc:
         write_status(s.model_dir, project, state="skipped", reason=str(exc), finished=time.time())
         return {"state": "skipped", "reason": str(exc)}
     except Exception as exc:
         write_status(s.model_dir, project, state="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         raise
-    result = {"state": "finished", "version": outcome.version.name, "accepted": outcome.accepted,
+    result = {"state": "finished", "run": kind, "version": outcome.version.name, "accepted": outcome.accepted,
               "reason": outcome.reason, "metrics": outcome.metrics, "seconds": round(time.time() - started, 1)}
     write_status(s.model_dir, project, **result, finished=time.time())
+    follow_up = []
+    if outcome.accepted and kind == "update" and s.refine_time_budget > 0:
+        follow_up.append("train")
     if outcome.accepted and s.autolabel_after_train and backend.client(project) is not None:
+        follow_up.append("autolabel")
+    for job in follow_up:
         try:
-            get_queue().schedule(project, "autolabel")
-        except Exception as exc:  # the version is served either way; autolabel can be asked for again
-            log.error("project %s: could not queue auto-labeling: %s", project, exc)
+            get_queue().schedule(project, job)
+        except Exception as exc:  # the version is served either way; both can be asked for again
+            log.error("project %s: could not queue %s: %s", project, job, exc)
     return result
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     retrain_every: int = 5
     train_epochs: int = 0
     train_imgsz: int = 0
-    train_time_budget: float = 60.0
+    train_time_budget: float = 30.0
+    refine_time_budget: float = 240.0
     train_freeze: int = -1
     train_batch: int = 8
     accept_only_if_not_worse: bool = True

@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     from rq import Queue, Worker
 
     get_backend()  # prepare Ultralytics' offline config before any job imports it
+    import ultralytics  # noqa: F401  imported once here, so each forked job starts training at once
     connection = Redis.from_url(settings.redis_url)
     worker = Worker([Queue(settings.queue_name, connection=connection)], connection=connection)
     worker.work(burst=args.burst, logging_level=settings.log_level.upper())

@@ -41,7 +41,8 @@ def trained_upto(registry: ProjectRegistry) -> float:
 
 def run_training(store: ProjectStore, registry: ProjectRegistry, control: RectangleLabelsControl,
                  fetch: Callable[[dict], Path], base_weights: Path, params: TrainParams, min_annotations: int,
-                 accept_only_if_not_worse: bool, keep_versions: int, progress: ProgressFn | None = None) -> RunOutcome:
+                 accept_only_if_not_worse: bool, keep_versions: int, progress: ProgressFn | None = None,
+                 refined: bool = False) -> RunOutcome:
     """Train a new version from every stored annotation, warm-starting from the served one."""
     started = time.time()
     annotation_files = list(store.annotations_dir.glob("*.json")) if store.annotations_dir.is_dir() else []
@@ -87,6 +88,7 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
             "seconds": round(time.time() - started, 1),
             "trained_upto": upto,
             "reason": reason,
+            "refined": refined,
             "status": "rejected",
         }
         version = registry.add(weights, meta, make_current=accepted)

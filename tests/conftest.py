@@ -189,7 +189,8 @@ def backend_env(tmp_path, monkeypatch, person_weights, backbone_weights, yolo_co
         "TRAIN_BASE_MODEL": str(backbone_weights), "ALLOW_DOWNLOADS": "false",
         "YOLO_CONFIG_DIR": str(yolo_config_dir), "REDIS_URL": "", "LABEL_STUDIO_URL": "",
         "LABEL_STUDIO_API_KEY": "", "BASIC_AUTH_USER": "", "BASIC_AUTH_PASS": "", "ALLOWED_MEDIA_HOSTS": "",
-        "TRAIN_IMGSZ": "96", "TRAIN_EPOCHS": "3", "TRAIN_TIME_BUDGET": "0", "MIN_ANNOTATIONS": "10",
+        "TRAIN_IMGSZ": "96", "TRAIN_EPOCHS": "3", "TRAIN_TIME_BUDGET": "0", "REFINE_TIME_BUDGET": "0",
+        "MIN_ANNOTATIONS": "10",
         "RETRAIN_EVERY": "5",
     }
 

@@ -275,3 +275,20 @@ def test_a_worse_version_is_kept_as_rejected_and_the_served_one_stays(backend_en
     assert rejected.meta["status"] == "rejected" and rejected.weights.is_file()
     assert rejected.meta["metrics"]["fitness"] < rejected.meta["parent_metrics"]["fitness"]
     assert rejected.meta["val_tasks"] == registry.get("v1").meta["val_tasks"]
+
+
+def test_a_served_quick_version_is_followed_by_one_refinement(make_client, media, bccd):
+    names, train, _ = bccd
+    client = make_client(label_studio_url=media.url, label_studio_api_key=TOKEN, refine_time_budget=6,
+                         accept_only_if_not_worse="false")
+    send(client, dataset_events(media, train[:10], names, project=1))
+    assert client.app.state.queue.idle(timeout=300)
+    versions = client.app.state.backend.registry("1").versions()
+    assert [(v.name, v.meta["refined"]) for v in versions] == [("v1", False), ("v2", True)]
+    assert versions[1].meta["parent"] == "v1" and versions[1].meta["plan"]["time_budget"] == 6
+    job = client.get("/status/1").json()["job"]
+    assert job["run"] == "refine" and job["version"] == "v2"
+    # Nothing new since: a further request finds nothing to learn instead of training again.
+    assert client.app.state.scheduler.request("1") == "queued"
+    assert client.app.state.queue.idle(timeout=60)
+    assert client.get("/status/1").json()["job"]["state"] == "skipped"
