@@ -102,12 +102,14 @@ class Backend:
         """What Label Studio stores with each prediction; it changes whenever a new version is served."""
         return self.registry(project).current_name() or f"base-{Path(self.settings.base_model).stem}"
 
-    def serving(self, project: str) -> tuple[str, Path, bool]:
-        """The served version's name, its weights, and whether it is the untrained base model."""
+    def serving(self, project: str) -> tuple[str, Path, bool, int]:
+        """The served version's name, weights, whether it is the base model, and the image size to predict at."""
         current = self.registry(project).current()
         if current is not None and current.weights.is_file():
-            return current.name, current.weights, False
-        return self.model_version(project), self.base_weights(), True
+            # Predict at the size the version learned at: objects then look as large as they did in training.
+            imgsz = (current.meta.get("plan") or {}).get("imgsz") or self.settings.predict_imgsz
+            return current.name, current.weights, False, imgsz
+        return self.model_version(project), self.base_weights(), True, self.settings.predict_imgsz
 
     # -- prediction -----------------------------------------------------------------------------
     def load_images(self, project: str, control: RectangleLabelsControl, tasks: list[dict]) -> list:
@@ -129,7 +131,7 @@ class Backend:
     def predict_tasks(self, project: str, control: RectangleLabelsControl,
                       tasks: list[dict]) -> tuple[str, list[dict], set[int]]:
         """One Label Studio prediction per task, in order, and the indices whose image failed (empty result)."""
-        version, weights, is_base = self.serving(project)
+        version, weights, is_base, imgsz = self.serving(project)
         model = self.models.get(weights)
         label_map = control.model_label_map(model.names, aliases=is_base)
         images = self.load_images(project, control, tasks)
@@ -137,8 +139,8 @@ class Backend:
         detections: dict[int, Detections] = {}
         if label_map and good:
             s = self.settings
-            found = predict(model, [images[i] for i in good], label_map, s.predict_imgsz, s.predict_conf,
-                            s.predict_batch, s.device)
+            found = predict(model, [images[i] for i in good], label_map, imgsz, s.predict_conf, s.predict_batch,
+                            s.device)
             detections = dict(zip(good, found))
         results, store = [], self.store(project)
         for i, (task, image) in enumerate(zip(tasks, images)):

@@ -48,8 +48,8 @@ class Settings(BaseSettings):
     train_epochs: int = 0
     train_imgsz: int = 0
     train_time_budget: float = 30.0
-    refine_time_budget: float = 240.0
-    train_freeze: int = -1
+    refine_time_budget: float = 300.0
+    train_freeze: int = 0
     train_batch: int = 8
     accept_only_if_not_worse: bool = True
     keep_versions: int = 5

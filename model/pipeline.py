@@ -58,7 +58,8 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
         parent = registry.current()
         parent_ok = parent is not None and parent.weights.is_file()
         start_from = parent.weights if parent_ok else base_weights
-        run_plan = plan(params, len(info.train), info.image_sizes)
+        parent_imgsz = (parent.meta.get("plan") or {}).get("imgsz") if parent_ok and not refined else None
+        run_plan = plan(params, len(info.train), info.image_sizes, parent_imgsz)
         log.info("project %s: training %s on %d train / %d val tasks from %s", store.project, run_plan,
                  len(info.train), len(info.val), start_from.name)
         weights, seconds = train(info.yaml_path, start_from, work / "train", run_plan, params.device, params.seed, progress)

@@ -20,7 +20,7 @@ class TrainParams:
     epochs: int = 0
     imgsz: int = 0
     time_budget: float = 60.0
-    freeze: int = -1
+    freeze: int = 0
     batch: int = 8
     device: str = ""
     seed: int = 0
@@ -37,21 +37,45 @@ class TrainPlan:
     time_budget: float
 
 
-STEPS_TARGET = 400  # optimizer steps a few-shot fine-tune wants when time allows
-BACKBONE_LAYERS = 10  # the backbone of YOLOv5u/v8/11 models ends at layer 9
+# Seconds one image takes through one training pass at 320 px on one CPU thread (measured on this project's 2-core
+# machines); the cost grows with the square of the image size. GPUs are taken to be 20x faster.
+CPU_THREAD_SECONDS_PER_IMAGE_320 = 0.32
+SIZES = tuple(range(640, 127, -32))
 
 
-def plan(params: TrainParams, n_train: int, image_sizes: list[tuple[int, int]]) -> TrainPlan:
-    """Adapt epochs, image size and freezing to how much data there is."""
+def target_epochs(n_train: int) -> int:
+    """Few images need many passes to be learned; many images need fewer."""
+    return max(20, min(60, 400 // max(1, n_train)))
+
+
+def seconds_per_image(imgsz: int, device: str) -> float:
+    import torch
+
+    gpu = device not in ("cpu",) and torch.cuda.is_available()
+    per_thread = CPU_THREAD_SECONDS_PER_IMAGE_320 / max(1, torch.get_num_threads())
+    return per_thread * (imgsz / 320) ** 2 / (20 if gpu else 1)
+
+
+def plan(params: TrainParams, n_train: int, image_sizes: list[tuple[int, int]], parent_imgsz: int | None = None) -> TrainPlan:
+    """Adapt epochs and image size to the data and the time budget.
+
+    A run that continues a trained version keeps its image size, so objects keep the scale it learned. Otherwise
+    the largest size (up to the images' own, at most 640) at which the wanted number of passes fits the budget.
+    """
     batch = max(1, min(params.batch, n_train))
+    epochs = params.epochs if params.epochs > 0 else target_epochs(n_train)
+    longest = sorted(max(w, h) for w, h in image_sizes)[len(image_sizes) // 2] if image_sizes else 640
+    cap = max(64, min(640, int(math.ceil(longest / 32) * 32)))
     if params.imgsz > 0:
         imgsz = params.imgsz
+    elif parent_imgsz:
+        imgsz = min(cap, parent_imgsz)
+    elif params.time_budget > 0:
+        fits = [s for s in SIZES if s <= cap and seconds_per_image(s, params.device) * n_train * epochs <= params.time_budget]
+        imgsz = fits[0] if fits else min(cap, 160)
     else:
-        longest = sorted(max(w, h) for w, h in image_sizes)[len(image_sizes) // 2] if image_sizes else 640
-        imgsz = max(64, min(640, int(math.ceil(longest / 32) * 32)))
-    steps_per_epoch = max(1, math.ceil(n_train / batch))
-    epochs = params.epochs if params.epochs > 0 else max(10, min(300, STEPS_TARGET // steps_per_epoch))
-    freeze = params.freeze if params.freeze >= 0 else (BACKBONE_LAYERS if n_train < 200 else 0)
+        imgsz = cap
+    freeze = max(0, params.freeze)
     return TrainPlan(epochs, imgsz, freeze, batch, params.time_budget)
 
 

@@ -1,0 +1,192 @@
+"""The few-shot curve: quality after k labeled images fed through the real webhook path, against a plain fine-tune.
+
+    python bench/fewshot.py [--datasets ../shared/datasets/bccd ../shared/datasets/pothole-seg] [--ks 10 25 50]
+
+For each YOLO-format dataset: the plain baseline (YOLO(backbone).train(epochs=30, imgsz=640, batch=8) on the first
+ten training images), the untrained base model, and for each k a fresh backend that receives k ANNOTATION_CREATED
+webhooks and trains as it would for a user (quick update, then refinement). Scored on held-out (valid/test)
+images: mAP50 and mAP50-95 with Ultralytics' metric code, and boxes a human must touch per ground-truth box
+(missed, wrong label, IoU < 0.75, plus false boxes) from the predictions /predict returns.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from common import (SHARED, LabelStudioStandIn, annotation_event, backend_env, held_out_dataset, print_table,
+                    start_server, write_results, RESULTS)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model.effort import Effort, compare  # noqa: E402
+from model.label_config import Box, parse_label_config  # noqa: E402
+from model.yolo_import import class_names, label_config, read_dataset, to_result  # noqa: E402
+
+BACKBONE = SHARED / "weights" / "yolov5nu-coco-backbone.pt"
+
+
+def plain_baseline(train, names, held_yaml: Path, work: Path) -> dict:
+    """What a user gets from Ultralytics' defaults on the same ten images."""
+    from ultralytics import YOLO
+
+    from model.validator import evaluate
+
+    import yaml
+
+    data = held_out_dataset(train, names, work / "baseline-data")
+    spec = yaml.safe_load(data.read_text())
+    spec["val"] = str(held_yaml.parent / "images" / "val")  # Ultralytics validates on the held-out images
+    data.write_text(yaml.safe_dump(spec))
+    started = time.perf_counter()
+    YOLO(str(BACKBONE)).train(data=str(data), epochs=30, imgsz=640, batch=8, workers=0,
+                              project=str(work / "baseline"), name="run", exist_ok=True, verbose=False)
+    seconds = time.perf_counter() - started
+    weights = work / "baseline" / "run" / "weights" / "best.pt"
+    scores = evaluate(weights, held_yaml, 640, work)
+    return {"map50": scores.map50, "map50_95": scores.map50_95, "train_seconds": round(seconds, 1)}
+
+
+def touched_per_box(url: str, ls: LabelStudioStandIn, held, names, config: str) -> dict:
+    """Predict the held-out images through the server and compare each with its ground truth."""
+    control = parse_label_config(config)
+    total = Effort()
+    for start in range(0, len(held), 16):
+        chunk = held[start:start + 16]
+        tasks = [{"id": 100_000 + start + i, "data": {"image": ls.upload(1, item.image)}} for i, item in enumerate(chunk)]
+        body = {"project": "1.1", "label_config": config, "tasks": tasks}
+        results = requests.post(f"{url}/predict", json=body, timeout=600).json()["results"]
+        for item, result in zip(chunk, results):
+            predicted, _ = control.from_result(result["result"])
+            truth = [Box(names[c], x1 * item.width, y1 * item.height, x2 * item.width, y2 * item.height)
+                     for c, x1, y1, x2, y2 in item.rows]
+            total = total + compare(predicted, truth)
+    return total.as_dict()
+
+
+def wait_until_trained(url: str, base_version: str, timeout: float) -> dict:
+    """Until a version is served and no job is queued or running (the refinement included)."""
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while time.monotonic() < deadline:
+        status = requests.get(f"{url}/status/1", timeout=5).json()
+        busy = status["job"].get("state") in ("queued", "running", "pending")
+        quiet = 0 if busy or status["model_version"] == base_version else quiet + 1
+        if quiet >= 3:
+            return status
+        time.sleep(2)
+    raise RuntimeError(f"training did not settle within {timeout} s")
+
+
+def run_k(dataset: Path, k: int, train, held, names, config: str, work: Path, extra: dict) -> dict:
+    ls = LabelStudioStandIn(work / "ls")
+    env = backend_env(work / "models", ls.url, AUTOLABEL_AFTER_TRAIN="false", MIN_ANNOTATIONS=min(10, k), **extra)
+    server, url = start_server(env, work / "server.log")
+    try:
+        setup = {"project": "1.1", "schema": config, "hostname": ls.url, "access_token": ""}
+        base_version = requests.post(f"{url}/setup", json=setup, timeout=3).json()["model_version"]
+        started = time.perf_counter()
+        for task_id, item in enumerate(train[:k], start=1):
+            event = annotation_event(1, task_id, ls.upload(1, item.image), to_result(item, names), config)
+            requests.post(f"{url}/webhook", json=event, timeout=1).raise_for_status()
+        status = wait_until_trained(url, base_version, timeout=3600)
+        seconds = time.perf_counter() - started
+        effort = touched_per_box(url, ls, held, names, config)
+    finally:
+        server.stop()
+        ls.close()
+    from model.validator import evaluate
+
+    served = next(v for v in status["versions"] if v["version"] == status["model_version"])
+    scores = evaluate(work / "models" / "1" / "versions" / served["version"] / "weights.pt",
+                      work / "held" / "data.yaml", served["plan"]["imgsz"], work)
+    return {"k": k, "version": served["version"], "versions": [(v["version"], v["status"]) for v in status["versions"]],
+            "plan": served["plan"], "seconds_to_settled": round(seconds, 1), "map50": scores.map50,
+            "map50_95": scores.map50_95, "touched_per_gt_box": effort["touched"] / max(1, effort["final"]),
+            "effort": effort}
+
+
+def base_model_row(held, names, config: str, work: Path) -> dict:
+    ls = LabelStudioStandIn(work / "ls-base")
+    server, url = start_server(backend_env(work / "models-base", ls.url), work / "server-base.log")
+    try:
+        effort = touched_per_box(url, ls, held, names, config)
+    finally:
+        server.stop()
+        ls.close()
+    return {"touched_per_gt_box": effort["touched"] / max(1, effort["final"]), "effort": effort}
+
+
+def plot(curves: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for name, result in curves.items():
+        ks = [r["k"] for r in result["ours"]]
+        line, = left.plot(ks, [r["map50"] for r in result["ours"]], marker="o", label=f"{name}: ours")
+        if result.get("baseline"):
+            left.scatter([10], [result["baseline"]["map50"]], marker="x", s=80, color=line.get_color(),
+                         label=f"{name}: plain fine-tune, k=10")
+        right.plot(ks, [r["touched_per_gt_box"] for r in result["ours"]], marker="o", color=line.get_color(),
+                   label=f"{name}: ours")
+        right.axhline(result["base"]["touched_per_gt_box"], linestyle="--", color=line.get_color(),
+                      label=f"{name}: base model")
+    left.set(xlabel="labeled images k", ylabel="held-out mAP50", ylim=(0, 1), title="quality")
+    right.set(xlabel="labeled images k", ylabel="boxes a human must touch per GT box", ylim=(0, None), title="effort")
+    right.axhline(1 / 3, color="grey", linewidth=0.8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", type=Path,
+                        default=sorted(p for p in (SHARED / "datasets").iterdir() if (p / "data.yaml").is_file()))
+    parser.add_argument("--ks", nargs="+", type=int, default=[10, 25, 50])
+    parser.add_argument("--holdout", type=int, default=100, help="held-out images scored per dataset")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--set", nargs="*", default=[], help="extra backend settings, KEY=VALUE")
+    args = parser.parse_args()
+    extra = dict(kv.split("=", 1) for kv in args.set)
+    curves, rows = {}, []
+    for dataset in args.datasets:
+        dataset = dataset.resolve()
+        names, items = class_names(dataset), read_dataset(dataset)
+        train = [i for i in items if i.split == "train"]
+        held = [i for i in items if i.split != "train"][:args.holdout]
+        config = label_config(names)
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            held_out_dataset(held, names, work / "held")
+            result = {"names": names, "held_out": len(held)}
+            result["baseline"] = None if args.skip_baseline else plain_baseline(train[:10], names, work / "held" / "data.yaml", work)
+            result["base"] = base_model_row(held, names, config, work)
+            result["ours"] = []
+            for k in args.ks:
+                with tempfile.TemporaryDirectory(dir=tmp) as run_dir:
+                    result["ours"].append(run_k(dataset, k, train, held, names, config, Path(run_dir), extra))
+        curves[dataset.name] = result
+        baseline = result["baseline"]["map50"] if result["baseline"] else None
+        for r in result["ours"]:
+            rows.append([dataset.name, r["k"], r["map50"], r["map50_95"], r["touched_per_gt_box"],
+                         result["base"]["touched_per_gt_box"], baseline if baseline is not None else "-",
+                         f"{r['map50'] / baseline:.2f}x" if baseline and r["k"] == 10 else "", r["seconds_to_settled"]])
+    print_table(["dataset", "k", "mAP50", "mAP50-95", "touched/GT", "touched/GT base", "plain mAP50 k=10",
+                 "ours/plain", "s to settle"], rows)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(curves, RESULTS / "fewshot.png")
+    print("wrote", write_results("fewshot", {"settings": extra, "datasets": curves}), RESULTS / "fewshot.png")
+
+
+if __name__ == "__main__":
+    main()
