@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from itertools import groupby
 from pathlib import Path
 
 from model.label_config import RectangleLabelsControl
@@ -14,7 +15,7 @@ from model.weights import WeightsUnavailable, resolve_weights
 from model.yolo_env import prepare_ultralytics
 
 from .ls_client import LabelStudioClient, LabelStudioError
-from .media import MediaError, MediaFetcher, read_image
+from .media import MediaError, MediaFetcher, image_shape, read_image
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,8 @@ class Backend:
         return self.model_version(project), self.base_weights(), True, self.settings.predict_imgsz
 
     # -- prediction -----------------------------------------------------------------------------
-    def load_images(self, project: str, control: RectangleLabelsControl, tasks: list[dict]) -> list:
-        """Each task's image as BGR, or the MediaError that explains why not, fetched concurrently."""
+    def fetch_images(self, project: str, control: RectangleLabelsControl, tasks: list[dict]) -> list:
+        """Each task's image as a local file and its (height, width), or the MediaError that explains why not."""
         fetcher = self.fetcher(project)
 
         def one(task: dict):
@@ -121,7 +122,8 @@ class Backend:
                 ref = (task.get("data") or {}).get(control.value_key)
                 if ref is None:
                     raise MediaError(f"task data has no '{control.value_key}' field")
-                return read_image(fetcher.fetch(ref))
+                path = fetcher.fetch(ref)
+                return path, image_shape(path)
             except (MediaError, LabelStudioError, OSError) as exc:
                 log.warning("project %s task %s: image skipped: %s", project, task.get("id"), exc)
                 return MediaError(str(exc))
@@ -130,26 +132,55 @@ class Backend:
 
     def predict_tasks(self, project: str, control: RectangleLabelsControl,
                       tasks: list[dict]) -> tuple[str, list[dict], set[int]]:
-        """One Label Studio prediction per task, in order, and the indices whose image failed (empty result)."""
+        """One Label Studio prediction per task, in order, and the indices whose image failed (empty result).
+
+        Images of one shape are batched together (Ultralytics pads a mixed batch to a square, which is slower
+        and changes results), and each batch is decoded while the previous one is predicted, so only two
+        batches of pixels are ever held.
+        """
         version, weights, is_base, imgsz = self.serving(project)
         model = self.models.get(weights)
         label_map = control.model_label_map(model.names, aliases=is_base)
-        images = self.load_images(project, control, tasks)
-        good = [i for i, image in enumerate(images) if not isinstance(image, Exception)]
+        files = self.fetch_images(project, control, tasks)
+        failed = {i for i, f in enumerate(files) if isinstance(f, Exception)}
         detections: dict[int, Detections] = {}
-        if label_map and good:
+        if label_map:
             s = self.settings
-            found = predict(model, [images[i] for i in good], label_map, imgsz, s.predict_conf, s.predict_batch,
-                            s.device)
-            detections = dict(zip(good, found))
+            order = sorted((i for i in range(len(tasks)) if i not in failed), key=lambda i: files[i][1])
+            size = max(1, s.predict_batch)
+            chunks = [same[k:k + size] for _, group in groupby(order, key=lambda i: files[i][1])
+                      for same in [list(group)] for k in range(0, len(same), size)]
+
+            def decode(chunk: list[int]) -> list:
+                return [_decode(files[i][0]) for i in chunk]
+
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder:
+                pending = decoder.submit(decode, chunks[0]) if chunks else None
+                for n, chunk in enumerate(chunks):
+                    images = pending.result()
+                    pending = decoder.submit(decode, chunks[n + 1]) if n + 1 < len(chunks) else None
+                    ok = [(i, image) for i, image in zip(chunk, images) if not isinstance(image, Exception)]
+                    failed.update(i for i, image in zip(chunk, images) if isinstance(image, Exception))
+                    if ok:
+                        found = predict(model, [image for _, image in ok], label_map, imgsz, s.predict_conf,
+                                        len(ok), s.device)
+                        detections.update(zip([i for i, _ in ok], found))
         results, store = [], self.store(project)
-        for i, (task, image) in enumerate(zip(tasks, images)):
+        for i, task in enumerate(tasks):
             item = {"result": [], "score": 0.0, "model_version": version}
             if i in detections:
-                h, w = image.shape[:2]
+                h, w = files[i][1]
                 item["result"] = [control.to_region(box, w, h) for box in detections[i].boxes]
                 item["score"] = detections[i].score
-            if not isinstance(image, Exception) and task.get("id") is not None:
+            if i not in failed and task.get("id") is not None:
                 store.remember_prediction(task["id"], version, item["result"])
             results.append(item)
-        return version, results, {i for i, image in enumerate(images) if isinstance(image, Exception)}
+        return version, results, failed
+
+
+def _decode(path: Path):
+    try:
+        return read_image(path)
+    except MediaError as exc:
+        log.warning("image skipped: %s", exc)
+        return exc

@@ -132,3 +132,15 @@ def read_image(path: Path) -> np.ndarray:
     if image is None:
         raise MediaError(f"{path.name} is not a readable image")
     return image
+
+
+def image_shape(path: Path) -> tuple[int, int]:
+    """(height, width) from the file header, without decoding the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise MediaError(f"{path.name} is not a readable image") from exc
+    return height, width

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     device: str = ""
     predict_imgsz: int = 640
     predict_conf: float = 0.25
-    predict_batch: int = 16
+    predict_batch: int = 4
 
     label_studio_url: str = ""
     label_studio_api_key: str = ""

@@ -86,7 +86,7 @@ def train(data_yaml: Path, weights: Path, run_dir: Path, run_plan: TrainPlan, de
 
     model = YOLO(str(weights), task="detect")
     if progress is not None:
-        model.add_callback("on_fit_epoch_end", lambda trainer: progress(trainer.epoch + 1, trainer.epochs))
+        model.add_callback("on_fit_epoch_end", lambda trainer: progress(min(trainer.epoch + 1, trainer.epochs), trainer.epochs))
     started = time.monotonic()
     kwargs = dict(
         data=str(data_yaml), epochs=run_plan.epochs, imgsz=run_plan.imgsz, batch=run_plan.batch,
