@@ -94,6 +94,9 @@ def train(data_yaml: Path, weights: Path, run_dir: Path, run_plan: TrainPlan, de
         exist_ok=True, val=False, plots=False, verbose=False, seed=seed, deterministic=False,
         nbs=run_plan.batch,  # step the optimizer every batch: accumulation over 64 images starves tiny datasets
         warmup_epochs=min(3.0, run_plan.epochs / 10), patience=0, amp=False, cache=False,
+        # Ultralytics' 'auto' picks AdamW at lr 0.002*5/(4+classes) for short runs; few-shot runs learned
+        # markedly better at 0.004 in our measurements (bccd, 10 images: mAP50 0.65 -> 0.74 at 640 px).
+        optimizer="AdamW", lr0=0.004,
     )
     if run_plan.time_budget > 0:
         kwargs["time"] = run_plan.time_budget / 3600
