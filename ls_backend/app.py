@@ -17,8 +17,8 @@ from model.label_config import ConfigError, parse_label_config
 from model.weights import WeightsUnavailable
 
 from . import metrics, report
-from .backend import Backend, project_id
-from .events import BadEvent, handle_event, remember_config
+from .backend import Backend, InvalidInput, project_id
+from .events import handle_event, remember_config
 from .jobs import autolabel_project, set_backend, set_queue, train_project
 from .queues import LocalQueue, RQQueue
 from .scheduler import Scheduler
@@ -32,14 +32,14 @@ def error(status: int, message: str) -> JSONResponse:
 
 
 async def json_body(request: Request) -> dict:
-    """The request's JSON object, or a BadEvent-style ValueError with a readable reason."""
+    """The request's JSON object, or InvalidInput with a readable reason."""
     raw = await request.body()
     try:
         body = json.loads(raw or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"the body is not valid JSON: {exc}") from exc
+        raise InvalidInput(f"the body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
-        raise ValueError("the body must be a JSON object")
+        raise InvalidInput("the body must be a JSON object")
     return body
 
 
@@ -88,69 +88,58 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "waiting_for_queue": sorted(f"{kind}:{project}" for kind, project in scheduler.pending),
         }
 
+    @app.exception_handler(InvalidInput)
+    @app.exception_handler(ConfigError)
+    async def bad_request(_: Request, exc: ValueError):
+        return error(400, str(exc))
+
+    @app.exception_handler(WeightsUnavailable)
+    async def no_model(_: Request, exc: WeightsUnavailable):
+        return error(503, f"no model to predict with: {exc}")
+
     @app.post("/setup")
     async def setup(request: Request):
-        try:
-            body = await json_body(request)
-            project = project_id(body.get("project"))
-            config = body.get("schema") or body.get("label_config") or ""
-            parse_label_config(config)
-        except (ValueError, ConfigError) as exc:
-            return error(400, f"cannot set up this project: {exc}")
+        body = await json_body(request)
+        project = project_id(body.get("project"))
+        config = body.get("schema") or body.get("label_config") or ""
+        parse_label_config(config)
         await run_in_threadpool(remember_config, backend, project, config, hostname=body.get("hostname"),
                                 access_token=body.get("access_token"))
         return {"model_version": backend.model_version(project)}
 
     @app.post("/predict")
     async def predict(request: Request):
-        try:
-            body = await json_body(request)
-            project = project_id(body.get("project"))
-            tasks = body.get("tasks")
-            if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
-                raise ValueError("'tasks' must be a list of task objects")
-            config = body.get("label_config") or backend.store(project).info().get("label_config", "")
-            control = parse_label_config(config)
-        except (ValueError, ConfigError) as exc:
-            return error(400, f"cannot predict: {exc}")
-        try:
-            version, results, _ = await run_in_threadpool(backend.predict_tasks, project, control, tasks)
-        except WeightsUnavailable as exc:
-            return error(503, f"no model to predict with: {exc}")
+        body = await json_body(request)
+        project = project_id(body.get("project"))
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+            raise InvalidInput("'tasks' must be a list of task objects")
+        config = body.get("label_config") or backend.store(project).info().get("label_config", "")
+        control = parse_label_config(config)
+        version, results, _ = await run_in_threadpool(backend.predict_tasks, project, control, tasks)
         metrics.PREDICTED_TASKS.inc(len(tasks))
         return {"results": results, "model_version": version}
 
     @app.post("/webhook")
     async def webhook(request: Request):
-        try:
-            body = await json_body(request)
-            return await run_in_threadpool(handle_event, backend, scheduler, body)
-        except (ValueError, BadEvent) as exc:
-            return error(400, str(exc))
+        return await run_in_threadpool(handle_event, backend, scheduler, await json_body(request))
 
     @app.post("/train")
     async def train(request: Request):
         """Older Label Studio versions call /train instead of sending START_TRAINING."""
-        try:
-            body = await json_body(request)
-            return await run_in_threadpool(handle_event, backend, scheduler, {**body, "action": "START_TRAINING"})
-        except (ValueError, BadEvent) as exc:
-            return error(400, str(exc))
+        body = {**await json_body(request), "action": "START_TRAINING"}
+        return await run_in_threadpool(handle_event, backend, scheduler, body)
 
     @app.get("/versions")
     async def versions(project: str | None = None):
-        projects = [project] if project else sorted(p.name for p in settings.model_dir.iterdir()
-                                                    if p.is_dir() and p.name.isdigit())
+        projects = [project_id(project)] if project else sorted(
+            p.name for p in settings.model_dir.iterdir() if p.is_dir() and p.name.isdigit())
         listed = [{"project": p, **v.meta} for p in projects for v in backend.registry(p).versions()]
         return {"versions": [v["version"] for v in listed], "details": listed}
 
     @app.get("/status/{project}")
     async def status(project: str):
-        try:
-            project = project_id(project)
-        except ValueError as exc:
-            return error(400, str(exc))
-        registry = backend.registry(project)
+        project = project_id(project)
         total, _ = backend.store(project).counts(0)
         return {
             "project": project,
@@ -158,35 +147,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "annotated_tasks": total,
             "job": queue.status(project),
             "autolabel": queue.status(project, "autolabel"),
-            "versions": [v.meta for v in registry.versions()],
+            "versions": [v.meta for v in backend.registry(project).versions()],
         }
 
     @app.get("/projects/{project}/")
     async def project_page(project: str):
-        try:
-            project = project_id(project)
-        except ValueError as exc:
-            return error(400, str(exc))
+        project = project_id(project)
         rows = await run_in_threadpool(report.version_rows, backend, project)
         return HTMLResponse(report.page_html(project, backend.model_version(project), rows, queue.status(project),
                                              queue.status(project, "autolabel")))
 
     @app.get("/projects/{project}/plot.png")
     async def project_plot(project: str):
-        try:
-            project = project_id(project)
-        except ValueError as exc:
-            return error(400, str(exc))
-        rows = await run_in_threadpool(report.version_rows, backend, project)
+        rows = await run_in_threadpool(report.version_rows, backend, project_id(project))
         return Response(await run_in_threadpool(report.plot_png, rows), media_type="image/png")
 
     @app.post("/autolabel/{project}")
     async def autolabel(project: str):
         """Pre-annotate every unlabeled task with the served version (protect it with BASIC_AUTH_*)."""
-        try:
-            project = project_id(project)
-        except ValueError as exc:
-            return error(400, str(exc))
+        project = project_id(project)
         if not backend.registry(project).current_name():
             return error(409, f"project {project} has no trained version yet")
         return {"project": project, "autolabel": await run_in_threadpool(scheduler.request, project, "autolabel")}

@@ -21,13 +21,17 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
+class InvalidInput(ValueError):
+    """A request we cannot use; answered with a 400 and this message."""
+
+
 def project_id(value) -> str:
     """Label Studio names a project '<id>.<created ts>' in /setup and /predict and by a dict in webhooks."""
     if isinstance(value, dict):
         value = value.get("id")
     text = str(value or "").split(".")[0].strip()
     if not text.isdigit():
-        raise ValueError(f"not a Label Studio project id: {value!r}")
+        raise InvalidInput(f"not a Label Studio project id: {value!r}")
     return text
 
 

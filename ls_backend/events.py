@@ -7,7 +7,7 @@ from model.label_config import ConfigError, parse_label_config
 from model.effort import compare
 from model.project_store import ProjectStore, annotation_record
 
-from .backend import Backend, project_id
+from .backend import Backend, InvalidInput, project_id
 from .jobs import resync_flag
 from .scheduler import Scheduler
 
@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 ANNOTATION_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED"}
 
 
-class BadEvent(ValueError):
-    """A webhook payload we cannot use; answered with a 4xx and this message."""
+class BadEvent(InvalidInput):
+    """A webhook payload we cannot use; answered with a 400 and this message."""
 
 
 def remember_config(backend: Backend, project: str, config: str | None, **extra) -> None:
@@ -56,7 +56,7 @@ def handle_event(backend: Backend, scheduler: Scheduler, payload: dict) -> dict:
     action = payload["action"]
     try:
         project = project_id(payload.get("project"))
-    except ValueError as exc:
+    except InvalidInput as exc:
         raise BadEvent(f"{action}: {exc}") from exc
     if isinstance(payload.get("project"), dict):
         remember_config(backend, project, payload["project"].get("label_config"), title=payload["project"].get("title"))
