@@ -128,11 +128,11 @@ def train_project(project: str) -> dict:
     result = {"state": "finished", "run": kind, "version": outcome.version.name, "accepted": outcome.accepted,
               "reason": outcome.reason, "metrics": outcome.metrics, "seconds": round(time.time() - started, 1)}
     write_status(s.model_dir, project, **result, finished=time.time())
-    follow_up = []
-    if outcome.accepted and kind == "update" and s.refine_time_budget > 0:
-        follow_up.append("train")
+    follow_up = []  # auto-labeling first: annotators get the new predictions before a refinement starts
     if outcome.accepted and s.autolabel_after_train and backend.client(project) is not None:
         follow_up.append("autolabel")
+    if outcome.accepted and kind == "update" and s.refine_time_budget > 0:
+        follow_up.append("train")
     for job in follow_up:
         try:
             get_queue().schedule(project, job)

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     train_time_budget: float = 30.0
     refine_time_budget: float = 300.0
     train_freeze: int = 0
-    train_batch: int = 8
+    train_batch: int = 4
     accept_only_if_not_worse: bool = True
     keep_versions: int = 5
     autolabel_after_train: bool = True

@@ -17,9 +17,7 @@ def annotation_record(task: dict, annotation: dict) -> dict:
         "data": task.get("data") or {},
         "result": annotation.get("result") or [],
         "cancelled": bool(annotation.get("was_cancelled")),
-        "ground_truth": bool(annotation.get("ground_truth")),
         "updated_at": annotation.get("updated_at") or annotation.get("created_at"),
-        "prediction": annotation.get("prediction") or None,
     }
 
 

@@ -21,7 +21,7 @@ class TrainParams:
     imgsz: int = 0
     time_budget: float = 60.0
     freeze: int = 0
-    batch: int = 8
+    batch: int = 4
     device: str = ""
     seed: int = 0
 
@@ -45,7 +45,7 @@ SIZES = tuple(range(640, 127, -32))
 
 def target_epochs(n_train: int) -> int:
     """Few images need many passes to be learned; many images need fewer."""
-    return max(20, min(60, 400 // max(1, n_train)))
+    return max(20, min(100, 800 // max(1, n_train)))
 
 
 def seconds_per_image(imgsz: int, device: str) -> float:
