@@ -40,7 +40,7 @@ class TrainPlan:
 # Seconds one image takes through one training pass at 320 px on one CPU thread (measured on this project's 2-core
 # machines); the cost grows with the square of the image size. GPUs are taken to be 20x faster.
 CPU_THREAD_SECONDS_PER_IMAGE_320 = 0.32
-SIZES = tuple(range(640, 127, -32))
+SIZES = tuple(range(640, 159, -32))
 
 
 def target_epochs(n_train: int) -> int:
