@@ -96,7 +96,7 @@ def build_dataset(records: list[dict], control: RectangleLabelsControl, fetch: C
     if not info.val and len(info.train) >= 2:
         # Every run needs held-out data to be judged on; borrow the last training image when none is left.
         moved = info.train.pop()
-        for sub, ext in (("images", None), ("labels", ".txt")):
+        for sub in ("images", "labels"):
             for path in (out_dir / sub / "train").glob(f"{moved}.*"):
                 path.rename(out_dir / sub / "val" / path.name)
         info.val.append(moved)
