@@ -8,9 +8,20 @@ import sys
 from .settings import get_settings
 
 
+def limit_malloc_arenas() -> None:
+    """glibc gives every thread that allocates its own arena; with many request threads that multiplies memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX = 2
+    except (OSError, AttributeError):  # not glibc: nothing to limit
+        pass
+
+
 def serve() -> int:
     import uvicorn
 
+    limit_malloc_arenas()
     settings = get_settings()
     uvicorn.run("ls_backend.app:create_app", factory=True, host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), access_log=False, timeout_keep_alive=30)
