@@ -81,7 +81,7 @@ def wait_until_trained(url: str, base_version: str, timeout: float) -> dict:
     raise RuntimeError(f"training did not settle within {timeout} s")
 
 
-def run_k(dataset: Path, k: int, train, held, names, config: str, work: Path, extra: dict) -> dict:
+def run_k(k: int, train, held, held_yaml: Path, names, config: str, work: Path, extra: dict) -> dict:
     ls = LabelStudioStandIn(work / "ls")
     env = backend_env(work / "models", ls.url, AUTOLABEL_AFTER_TRAIN="false", MIN_ANNOTATIONS=min(10, k), **extra)
     server, url = start_server(env, work / "server.log")
@@ -102,7 +102,7 @@ def run_k(dataset: Path, k: int, train, held, names, config: str, work: Path, ex
 
     served = next(v for v in status["versions"] if v["version"] == status["model_version"])
     scores = evaluate(work / "models" / "1" / "versions" / served["version"] / "weights.pt",
-                      work / "held" / "data.yaml", served["plan"]["imgsz"], work)
+                      held_yaml, served["plan"]["imgsz"], work)
     return {"k": k, "version": served["version"], "versions": [(v["version"], v["status"]) for v in status["versions"]],
             "plan": served["plan"], "seconds_to_settled": round(seconds, 1), "map50": scores.map50,
             "map50_95": scores.map50_95, "touched_per_gt_box": effort["touched"] / max(1, effort["final"]),
@@ -174,7 +174,9 @@ def main() -> None:
             result["ours"] = []
             for k in args.ks:
                 with tempfile.TemporaryDirectory(dir=tmp) as run_dir:
-                    result["ours"].append(run_k(dataset, k, train, held, names, config, Path(run_dir), extra))
+                    result["ours"].append(run_k(k, train, held, work / "held" / "data.yaml", names, config,
+                                                Path(run_dir), extra))
+                write_results("fewshot", {"settings": extra, "datasets": {**curves, dataset.name: result}})
         curves[dataset.name] = result
         baseline = result["baseline"]["map50"] if result["baseline"] else None
         for r in result["ours"]:
