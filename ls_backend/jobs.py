@@ -118,7 +118,7 @@ def train_project(project: str) -> dict:
         outcome = run_training(store, backend.registry(project), control,
                                lambda record: fetcher.fetch(record["data"].get(control.value_key)),
                                backend.train_base_weights(), params, s.min_annotations, s.accept_only_if_not_worse,
-                               s.keep_versions, progress, refined=kind != "update")
+                               s.keep_versions, progress, refined=kind != "update", default_conf=s.predict_conf)
     except (NotEnoughData, ConfigError) as exc:
         write_status(s.model_dir, project, state="skipped", reason=str(exc), finished=time.time())
         return {"state": "skipped", "reason": str(exc)}

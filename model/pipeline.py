@@ -13,7 +13,7 @@ from .label_config import RectangleLabelsControl
 from .project_store import ProjectStore
 from .registry import ProjectRegistry, Version
 from .trainer import ProgressFn, TrainParams, plan, train
-from .validator import evaluate
+from .validator import best_confidence, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def trained_upto(registry: ProjectRegistry) -> float:
 def run_training(store: ProjectStore, registry: ProjectRegistry, control: RectangleLabelsControl,
                  fetch: Callable[[dict], Path], base_weights: Path, params: TrainParams, min_annotations: int,
                  accept_only_if_not_worse: bool, keep_versions: int, progress: ProgressFn | None = None,
-                 refined: bool = False) -> RunOutcome:
+                 refined: bool = False, default_conf: float = 0.25) -> RunOutcome:
     """Train a new version from every stored annotation, warm-starting from the served one."""
     started = time.time()
     annotation_files = list(store.annotations_dir.glob("*.json")) if store.annotations_dir.is_dir() else []
@@ -64,6 +64,7 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
                  len(info.train), len(info.val), start_from.name)
         weights, seconds = train(info.yaml_path, start_from, work / "train", run_plan, params.device, params.seed, progress)
         scores = evaluate(weights, info.yaml_path, run_plan.imgsz, work, params.device, len(info.val))
+        conf = best_confidence(weights, info.yaml_path, run_plan.imgsz, default_conf, params.device)
         accepted, reason, parent_scores = True, "first trained version", None
         if parent_ok:
             if list(parent.meta.get("labels", [])) != info.names:
@@ -85,6 +86,7 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
             "metrics": scores.as_dict(),
             "parent_metrics": parent_scores.as_dict() if parent_scores else None,
             "plan": run_plan.__dict__,
+            "conf": conf,
             "train_seconds": round(seconds, 1),
             "seconds": round(time.time() - started, 1),
             "trained_upto": upto,

@@ -35,3 +35,45 @@ def evaluate(weights: Path, data_yaml: Path, imgsz: int, out_dir: Path, device: 
     metrics = YOLO(str(weights), task="detect").val(**kwargs)
     box = metrics.box
     return Scores(float(box.map50), float(box.map), float(box.mp), float(box.mr), images)
+
+
+THRESHOLDS = tuple(round(0.1 + 0.05 * i, 2) for i in range(15))  # 0.10 .. 0.80
+
+
+def best_confidence(weights: Path, data_yaml: Path, imgsz: int, default: float, device: str = "") -> float:
+    """The box threshold at which a human would have to touch the fewest boxes on the held-out images.
+
+    Too low and annotators delete false boxes, too high and they draw missed ones; the balance depends on the
+    model and the data, so each version learns its own. Ties go to the threshold closest to the default.
+    """
+    import yaml
+    from PIL import Image
+    from ultralytics import YOLO
+
+    from .effort import compare
+    from .label_config import Box
+
+    root = data_yaml.parent
+    names = yaml.safe_load(data_yaml.read_text())["names"]
+    images = sorted((root / "images" / "val").iterdir())
+    if not images:
+        return default
+    model = YOLO(str(weights), task="detect")
+    touched = dict.fromkeys(THRESHOLDS, 0)
+    for path in images:
+        with Image.open(path) as image:
+            width, height = image.size
+        truth = []
+        label = root / "labels" / "val" / f"{path.stem}.txt"
+        for row in label.read_text().split("\n") if label.is_file() else []:
+            if row.strip():
+                c, xc, yc, w, h = (float(v) for v in row.split())
+                truth.append(Box(names[int(c)], (xc - w / 2) * width, (yc - h / 2) * height,
+                                 (xc + w / 2) * width, (yc + h / 2) * height))
+        kwargs = {"imgsz": imgsz, "conf": THRESHOLDS[0], "verbose": False, **({"device": device} if device else {})}
+        found = model.predict(str(path), **kwargs)[0].boxes.data.cpu().numpy()
+        for threshold in THRESHOLDS:
+            predicted = [Box(model.names[int(cls)], x1, y1, x2, y2) for x1, y1, x2, y2, score, cls in found
+                         if score >= threshold]
+            touched[threshold] += compare(predicted, truth).touched
+    return min(THRESHOLDS, key=lambda t: (touched[t], abs(t - default)))
