@@ -21,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
 
     get_backend()  # prepare Ultralytics' offline config before any job imports it
     import ultralytics  # noqa: F401  imported once here, so each forked job starts training at once
+    import os
+
+    import torch
+
+    # Ultralytics leaves a core free for a server; a worker has nothing else to do, so it trains on all of them.
+    torch.set_num_threads(os.cpu_count() or 1)
     connection = Redis.from_url(settings.redis_url)
     worker = Worker([Queue(settings.queue_name, connection=connection)], connection=connection)
     worker.work(burst=args.burst, logging_level=settings.log_level.upper())
