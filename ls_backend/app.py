@@ -132,8 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/versions")
     async def versions(project: str | None = None):
-        projects = [project_id(project)] if project else sorted(
-            p.name for p in settings.model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        projects = [project_id(project)] if project else backend.projects()
         listed = [{"project": p, **v.meta} for p in projects for v in backend.registry(p).versions()]
         return {"versions": [v["version"] for v in listed], "details": listed}
 

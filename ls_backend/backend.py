@@ -50,6 +50,11 @@ class Backend:
         self.io_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="media")
 
     # -- projects -------------------------------------------------------------------------------
+    def projects(self) -> list[str]:
+        """Every project with a folder in MODEL_DIR (the _cache, _weights, ... folders are not projects)."""
+        root = self.settings.model_dir
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+
     def store(self, project: str) -> ProjectStore:
         return ProjectStore(self.settings.model_dir, project)
 

@@ -82,7 +82,8 @@ def handle_event(backend: Backend, scheduler: Scheduler, payload: dict) -> dict:
     elif action == "TASKS_CREATED" and backend.registry(project).current_name():
         training = scheduler.autolabel(project)
     elif action == "START_TRAINING":
-        resync_flag(backend, project).parent.mkdir(parents=True, exist_ok=True)
-        resync_flag(backend, project).touch()
+        flag = resync_flag(backend, project)
+        flag.parent.mkdir(parents=True, exist_ok=True)
+        flag.touch()
         training = scheduler.request(project)
     return {"status": "ok", "action": action, "project": project, "training": training}

@@ -33,9 +33,7 @@ def render(backend, queue) -> bytes:
         "touched": GaugeMetricFamily("lsyolo_boxes_touched_per_box", "Boxes a human had to touch per final box",
                                      labels=["project", "version"]),
     }
-    root = backend.settings.model_dir
-    for path in sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []:
-        project = path.name
+    for project in backend.projects():
         registry = backend.registry(project)
         families["versions"].add_metric([project], len(registry.versions()))
         families["annotated"].add_metric([project], backend.store(project).counts(0)[0])
@@ -49,17 +47,16 @@ def render(backend, queue) -> bytes:
             families["touched"].add_metric([project, version], effort.touched_per_box)
         state = queue.status(project).get("state", "none")
         families["job"].add_metric([project, state], 1.0 if state == "running" else 0.0)
-    lines = b""
-    for family in families.values():
-        collector = CollectorRegistry()
-        collector.register(_Static(family))
-        lines += generate_latest(collector)
-    return lines + generate_latest(REGISTRY)
+    snapshot = CollectorRegistry()
+    snapshot.register(_Snapshot(list(families.values())))
+    return generate_latest(snapshot) + generate_latest(REGISTRY)
 
 
-class _Static:
-    def __init__(self, family):
-        self.family = family
+class _Snapshot:
+    """A collector that hands Prometheus families already filled in."""
+
+    def __init__(self, families: list):
+        self.families = families
 
     def collect(self):
-        yield self.family
+        yield from self.families
