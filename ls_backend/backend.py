@@ -62,20 +62,27 @@ class Backend:
         return ProjectRegistry(self.settings.model_dir, project)
 
     def client(self, project: str | None = None) -> LabelStudioClient | None:
-        """LABEL_STUDIO_URL and _API_KEY win; otherwise the hostname and token Label Studio sent to /setup."""
-        info = self.store(project).info() if project else {}
-        url = self.settings.label_studio_url or info.get("hostname") or ""
-        key = self.settings.label_studio_api_key or info.get("access_token") or ""
+        """LABEL_STUDIO_URL with its key wins; else the hostname of the last /setup with the token that came with it."""
+        s = self.settings
+        if s.label_studio_url:
+            url, key = s.label_studio_url, s.label_studio_api_key
+        else:
+            info = self.store(project).info() if project else {}
+            url, key = info.get("hostname") or "", info.get("access_token") or ""
         if not url:
             return None
         if (url, key) not in self._clients:
-            self._clients[(url, key)] = LabelStudioClient(url, key)
+            try:
+                self._clients[(url, key)] = LabelStudioClient(url, key)
+            except LabelStudioError as exc:
+                log.warning("project %s: %s", project, exc)
+                return None
         return self._clients[(url, key)]
 
     def fetcher(self, project: str | None) -> MediaFetcher:
         s = self.settings
         return MediaFetcher(s.media_cache, s.media_hosts, self.client(project), s.media_max_bytes,
-                            s.media_timeout, s.local_files_document_root)
+                            s.media_timeout, s.local_files_document_root, s.media_cache_max_bytes)
 
     # -- models ---------------------------------------------------------------------------------
     def base_weights(self) -> Path:

@@ -4,11 +4,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from urllib.parse import urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
+
+from .netpolicy import AddressPolicy, AddressRefused, Origin, PinnedAdapter, Resolver, parse_origin
 
 log = logging.getLogger(__name__)
 
@@ -19,14 +19,24 @@ class LabelStudioError(RuntimeError):
     """Label Studio could not be reached or refused us; the message says which."""
 
 
-def http_session() -> requests.Session:
-    """A session that retries idempotent calls on connection errors and 5xx."""
+def http_session(policy: AddressPolicy) -> requests.Session:
+    """A session that connects only where the policy allows, and retries idempotent calls on connection errors and 5xx."""
     session = requests.Session()
+    # No proxies or .netrc credentials from the environment: the policy needs direct connections, and no secret
+    # may reach a host it was not configured for.
+    session.trust_env = False
     # POST is not retried: a prediction stored before the connection dropped must not be stored twice.
     retry = Retry(total=3, backoff_factor=0.3, status_forcelist=(502, 503, 504))
-    session.mount("http://", HTTPAdapter(max_retries=retry, pool_maxsize=16))
-    session.mount("https://", HTTPAdapter(max_retries=retry, pool_maxsize=16))
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, PinnedAdapter(policy, max_retries=retry, pool_maxsize=16))
     return session
+
+
+def setup_connection(hostname: str | None, access_token: str | None) -> dict[str, str]:
+    """What /setup stores: a token only together with the hostname it came with, so it never follows another host."""
+    if not hostname:
+        return {}
+    return {"hostname": hostname, "access_token": access_token or ""}
 
 
 def is_personal_access_token(key: str) -> bool:
@@ -37,19 +47,27 @@ def is_personal_access_token(key: str) -> bool:
 class LabelStudioClient:
     """API calls plus the Authorization header for Label Studio's own media URLs."""
 
-    def __init__(self, url: str, api_key: str, timeout: float = 30.0):
+    def __init__(self, url: str, api_key: str, timeout: float = 30.0, resolver: Resolver | None = None):
         if not url:
             raise LabelStudioError("no Label Studio URL: set LABEL_STUDIO_URL or connect the backend from Label Studio")
         self.url = url.rstrip("/")
+        try:
+            self.origin: Origin = parse_origin(self.url)
+        except AddressRefused as exc:
+            raise LabelStudioError(f"unusable Label Studio URL: {exc}") from exc
         self.api_key = api_key
         self.timeout = timeout
-        self.session = http_session()
+        # Label Studio's own host may be loopback or private: the user (or Label Studio itself) named it.
+        self.session = http_session(AddressPolicy([self.origin.netloc], resolver))
         self._access: tuple[str, float] | None = None
         self._lock = threading.Lock()
 
-    @property
-    def netloc(self) -> str:
-        return urlsplit(self.url).netloc.lower()
+    def owns(self, url: str) -> bool:
+        """Whether a URL is on Label Studio's own origin: only those requests carry its token."""
+        try:
+            return parse_origin(url) == self.origin
+        except AddressRefused:
+            return False
 
     def auth_header(self) -> dict[str, str]:
         if not self.api_key:

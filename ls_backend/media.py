@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -16,74 +14,53 @@ import numpy as np
 import requests
 
 from .ls_client import LabelStudioClient, http_session
+from .netpolicy import AddressPolicy, AddressRefused, Resolver, WallClock, parse_origin
 
 log = logging.getLogger(__name__)
-
-_METADATA_HOSTS = {"metadata.google.internal", "metadata", "169.254.169.254", "fd00:ec2::254", "100.100.100.200"}
 
 
 class MediaError(RuntimeError):
     """One task's image cannot be had; the message says why, the rest of the batch goes on."""
 
 
-def _refused_address(host: str) -> bool:
-    """Link-local and cloud metadata addresses are never fetched, whatever the allow-list says."""
-    if host in _METADATA_HOSTS:
-        return True
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror:
-        return False
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if address.is_link_local or str(address) in _METADATA_HOSTS:
-            return True
-    return False
-
-
 class MediaFetcher:
     """Turns a task's image reference into a local file path."""
 
     def __init__(self, cache_dir: Path, allowed_hosts: list[str], client: LabelStudioClient | None,
-                 max_bytes: int, timeout: float, local_root: Path | None = None):
+                 max_bytes: int, timeout: float, local_root: Path | None = None, cache_max_bytes: int = 2 << 30,
+                 resolver: Resolver | None = None):
         self.cache_dir = cache_dir
-        self.allowed_hosts = allowed_hosts
         self.client = client
         self.max_bytes = max_bytes
         self.timeout = timeout
+        self.cache_max_bytes = cache_max_bytes
         self.local_root = local_root.resolve() if local_root else None
-        self.session = client.session if client else http_session()
+        self.policy = AddressPolicy(([client.origin.netloc] if client else []) + list(allowed_hosts), resolver)
+        self.session = http_session(self.policy)
 
     def resolve(self, ref: str) -> str:
-        """An absolute URL for a Label Studio path or a URL, refused unless its host is allowed."""
+        """An absolute URL for a Label Studio path or a URL, refused unless its host is Label Studio or allowed."""
         if not isinstance(ref, str) or not ref.strip():
             raise MediaError("the task has no image reference")
-        ref = ref.strip()
-        if ref.startswith("/"):
+        url = ref.strip()
+        if url.startswith("/"):
             if self.client is None:
-                raise MediaError(f"{ref} is a Label Studio path but no Label Studio URL is known")
-            return urljoin(self.client.url + "/", ref.lstrip("/"))
-        parts = urlsplit(ref)
-        if parts.scheme not in ("http", "https"):
-            raise MediaError(f"refused {parts.scheme or 'schemeless'} URL {ref[:100]}: only http(s) is fetched")
-        host = (parts.hostname or "").lower()
-        if not self._allowed(parts.netloc.lower(), host):
-            raise MediaError(f"refused host {host}: not Label Studio and not in ALLOWED_MEDIA_HOSTS")
-        return ref
-
-    def _allowed(self, netloc: str, host: str) -> bool:
-        if _refused_address(host):
-            return False
-        if self.client is not None and netloc == self.client.netloc:
-            return True
-        return netloc in self.allowed_hosts or host in self.allowed_hosts
+                raise MediaError(f"{url[:100]} is a Label Studio path but no Label Studio URL is known")
+            url = urljoin(self.client.url + "/", url.lstrip("/"))
+        try:
+            origin = parse_origin(url)
+        except AddressRefused as exc:
+            raise MediaError(str(exc)) from exc
+        if not self.policy.trusts(origin):
+            raise MediaError(f"refused host {origin.host}: not Label Studio and not in ALLOWED_MEDIA_HOSTS")
+        return url
 
     def _local_file(self, url: str) -> Path | None:
         """Serve /data/local-files/ straight from disk when the document root is mounted here too."""
-        if self.local_root is None or self.client is None:
+        if self.local_root is None or self.client is None or not self.client.owns(url):
             return None
         parts = urlsplit(url)
-        if parts.netloc.lower() != self.client.netloc or not parts.path.startswith("/data/local-files"):
+        if not parts.path.startswith("/data/local-files"):
             return None
         relative = unquote(parse_qs(parts.query).get("d", [""])[0])
         path = (self.local_root / relative).resolve()
@@ -98,31 +75,75 @@ class MediaFetcher:
         if local is not None:
             return local
         target = self.cache_dir / hashlib.sha256(url.encode()).hexdigest()[:32]
-        if target.is_file():
-            return target
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        headers = self.client.auth_header() if self.client and urlsplit(url).netloc.lower() == self.client.netloc else {}
-        deadline = time.monotonic() + self.timeout
         try:
-            with self.session.get(url, headers=headers, stream=True, timeout=min(self.timeout, 10.0), allow_redirects=False) as response:
-                if response.status_code != 200:
-                    raise MediaError(f"{url} answered {response.status_code}")
-                fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".part-")
-                size = 0
-                with os.fdopen(fd, "wb") as fh:
-                    for chunk in response.iter_content(1 << 16):
-                        size += len(chunk)
-                        if size > self.max_bytes:
-                            os.unlink(tmp)
-                            raise MediaError(f"{url} is larger than MEDIA_MAX_BYTES={self.max_bytes}")
-                        if time.monotonic() > deadline:
-                            os.unlink(tmp)
-                            raise MediaError(f"{url} took longer than MEDIA_TIMEOUT={self.timeout}s")
-                        fh.write(chunk)
-                os.replace(tmp, target)
-        except requests.RequestException as exc:
-            raise MediaError(f"cannot download {url}: {exc}") from exc
+            _touch(target)  # a hit is a use: eviction goes by modification time
+            return target
+        except FileNotFoundError:
+            pass
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        headers = self.client.auth_header() if self.client and self.client.owns(url) else {}
+        self._download(url, headers, target)
+        self._evict(keep=target)
         return target
+
+    def _download(self, url: str, headers: dict[str, str], target: Path) -> None:
+        """Write the body to a temporary file and move it into place only when complete; nothing partial stays."""
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as out, WallClock(self.timeout) as clock:
+                try:
+                    self._copy(url, headers, out)
+                except requests.RequestException as exc:
+                    if not clock.expired:
+                        raise MediaError(f"cannot download {url}: {exc}") from exc
+                if clock.expired:
+                    raise MediaError(f"{url} took longer than MEDIA_TIMEOUT={self.timeout}s")
+            os.replace(tmp, target)
+            _touch(target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def _copy(self, url: str, headers: dict[str, str], out) -> None:
+        with self.session.get(url, headers=headers, stream=True, timeout=self.timeout, allow_redirects=False) as response:
+            if response.status_code != 200:
+                redirect = " (redirects are not followed)" if response.is_redirect else ""
+                raise MediaError(f"{url} answered {response.status_code}{redirect}")
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                raise MediaError(f"{url} is larger than MEDIA_MAX_BYTES={self.max_bytes}")
+            size = 0
+            for chunk in response.iter_content(1 << 16):
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise MediaError(f"{url} is larger than MEDIA_MAX_BYTES={self.max_bytes}")
+                out.write(chunk)
+
+    def _evict(self, keep: Path) -> None:
+        """Delete least recently used files until the cache fits MEDIA_CACHE_MAX_BYTES, and partial files left by a
+        killed process (older than any download may last)."""
+        files, now = [], time.time()
+        for entry in os.scandir(self.cache_dir):
+            try:
+                stat = entry.stat()
+            except FileNotFoundError:
+                continue
+            if entry.name.startswith(".part-"):
+                if now - stat.st_mtime > self.timeout + 60:
+                    Path(entry.path).unlink(missing_ok=True)
+            elif entry.is_file() and entry.path != str(keep):
+                files.append((stat.st_mtime, stat.st_size, entry.path))
+        total = sum(size for _, size, _ in files) + keep.stat().st_size
+        for _, size, path in sorted(files):
+            if total <= self.cache_max_bytes:
+                break
+            Path(path).unlink(missing_ok=True)
+            total -= size
+
+
+def _touch(path: Path) -> None:
+    """Mark a use with the precise clock: the file system's own timestamps are only as fine as a kernel tick."""
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
 
 
 def read_image(path: Path) -> np.ndarray:

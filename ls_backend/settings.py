@@ -4,8 +4,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .netpolicy import AddressRefused, host_entry, parse_origin
 
 
 class Settings(BaseSettings):
@@ -35,6 +37,7 @@ class Settings(BaseSettings):
     local_files_document_root: Path | None = None
     media_max_bytes: int = 50 * 1024 * 1024
     media_timeout: float = 15.0
+    media_cache_max_bytes: int = 2 * 1024 * 1024 * 1024
 
     redis_url: str = ""
     queue_name: str = "ls-yolo-train"
@@ -59,6 +62,33 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return value.expanduser().resolve() if value is not None else None
+
+    @field_validator("allowed_media_hosts", mode="after")
+    @classmethod
+    def _hosts(cls, value: str) -> str:
+        """A typo in the allow-list is a startup error, not a silently refused image."""
+        for entry in value.split(","):
+            if entry.strip():
+                host_entry(entry)
+        return value
+
+    @field_validator("label_studio_url", mode="after")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        """A URL the address policy would refuse at every call is refused once, at startup."""
+        try:
+            if value:
+                parse_origin(value)
+        except AddressRefused as exc:
+            raise ValueError(str(exc)) from exc
+        return value
+
+    @model_validator(mode="after")
+    def _key_needs_url(self) -> "Settings":
+        """The key came with LABEL_STUDIO_URL; without it, it would follow whatever hostname /setup names."""
+        if self.label_studio_api_key and not self.label_studio_url:
+            raise ValueError("LABEL_STUDIO_API_KEY is sent only to LABEL_STUDIO_URL: set LABEL_STUDIO_URL too")
+        return self
 
     @property
     def media_cache(self) -> Path:
