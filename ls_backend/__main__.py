@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 
-from .settings import get_settings
+from .settings import Settings, get_settings
 
 
 def limit_malloc_arenas() -> None:
@@ -18,11 +19,36 @@ def limit_malloc_arenas() -> None:
         pass
 
 
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def exposure_problem(settings: Settings) -> str | None:
+    """Why listening on HOST would let anyone who reaches it trigger training and labeling; None if it would not."""
+    if settings.allow_unauthenticated or is_loopback(settings.host):
+        return None
+    if settings.basic_auth_user and settings.basic_auth_pass:
+        return None
+    return (f"refusing to listen on HOST={settings.host} without basic auth: anyone who can reach it could store "
+            f"annotations, start training and push predictions. Set BASIC_AUTH_USER and BASIC_AUTH_PASS (and give "
+            f"the same pair in Label Studio's model connection, 'Use authentication'), or set "
+            f"ALLOW_UNAUTHENTICATED=true on a network you trust.")
+
+
 def serve() -> int:
     import uvicorn
 
     limit_malloc_arenas()
     settings = get_settings()
+    problem = exposure_problem(settings)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     uvicorn.run("ls_backend.app:create_app", factory=True, host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), access_log=False, timeout_keep_alive=30)
     return 0

@@ -2,45 +2,216 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
-import json
 import logging
 import secrets
 import time
 
-from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.label_config import ConfigError, parse_label_config
 from model.weights import WeightsUnavailable
 
 from . import metrics, report
-from .backend import Backend, InvalidInput, project_id
+from .backend import Backend, InvalidInput
 from .events import handle_event, remember_config
 from .jobs import autolabel_project, set_backend, set_queue, train_project
 from .queues import LocalQueue, RQQueue
 from .scheduler import Scheduler
+from .schemas import (BadBody, Event, PredictRequest, ProjectId, SetupRequest, TrainRequest, WebhookRequest,
+                      describe_errors, parse_json)
 from .settings import Settings, get_settings
+from .webhook_auth import WebhookAuth, basic_auth_header
 
 log = logging.getLogger(__name__)
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"status": "error", "error": message}, status_code=status)
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"status": "error", "error": message}, status_code=status, headers=headers)
 
 
-async def json_body(request: Request) -> dict:
-    """The request's JSON object, or InvalidInput with a readable reason."""
-    raw = await request.body()
+class BoundedJSONRequest(Request):
+    """Bodies are parsed by schemas.parse_json: strict JSON of bounded depth, refused with a readable 400."""
+
+    async def json(self):
+        if not hasattr(self, "_json"):
+            try:
+                self._json = parse_json(await self.body())
+            except BadBody as exc:
+                raise HTTPException(400, str(exc)) from exc
+        return self._json
+
+
+class BoundedJSONRoute(APIRoute):
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def bounded(request: Request) -> Response:
+            return await handler(BoundedJSONRequest(request.scope, request.receive))
+        return bounded
+
+
+router = APIRouter(route_class=BoundedJSONRoute)
+
+
+@router.get("/")
+@router.get("/health")
+def health(request: Request) -> dict:
+    state = request.app.state
+    return {
+        "status": "UP",
+        "model_class": "YOLO",
+        "queue": state.queue.kind,
+        "base_model": state.backend.settings.base_model,
+        "base_model_error": state.backend.base_error,
+        "models_loaded": state.backend.models.loaded(),
+        "waiting_for_queue": sorted(f"{kind}:{project}" for kind, project in state.scheduler.pending),
+    }
+
+
+@router.post("/setup")
+def setup(body: SetupRequest, request: Request) -> dict:
+    backend = request.app.state.backend
+    parse_label_config(body.config)
+    remember_config(backend, body.project, body.config, hostname=body.hostname, access_token=body.access_token)
+    if request.app.state.webhook_auth is not None:
+        request.app.state.webhook_auth.ensure(body.project, request.headers.get("host", ""))
+    return {"model_version": backend.model_version(body.project)}
+
+
+@router.post("/predict")
+def predict(body: PredictRequest, request: Request):
+    backend = request.app.state.backend
+    limit = backend.settings.max_predict_tasks
+    if len(body.tasks) > limit:
+        return error(413, f"{len(body.tasks)} tasks in one /predict, more than MAX_PREDICT_TASKS={limit}: retrieve "
+                          f"predictions for fewer tasks at a time, or pre-annotate all with POST /autolabel/<project>")
+    control = parse_label_config(body.label_config or backend.store(body.project).info().get("label_config", ""))
+    version, results, _ = backend.predict_tasks(body.project, control, [task.as_sent() for task in body.tasks])
+    metrics.PREDICTED_TASKS.inc(len(body.tasks))
+    return {"results": results, "model_version": version}
+
+
+@router.post("/webhook")
+def webhook(body: WebhookRequest, request: Request) -> dict:
+    return handle_event(request.app.state.backend, request.app.state.scheduler, body)
+
+
+@router.post("/train")
+def train(body: TrainRequest, request: Request) -> dict:
+    """Older Label Studio versions call /train instead of sending START_TRAINING."""
+    event = Event(action="START_TRAINING", project=body.project)
+    return handle_event(request.app.state.backend, request.app.state.scheduler, event)
+
+
+@router.get("/versions")
+def versions(request: Request, project: ProjectId | None = None) -> dict:
+    backend = request.app.state.backend
+    projects = [project] if project else backend.projects()
+    listed = [{"project": p, **v.meta} for p in projects for v in backend.registry(p).versions()]
+    return {"versions": [v["version"] for v in listed], "details": listed}
+
+
+@router.get("/status/{project}")
+def status(project: ProjectId, request: Request) -> dict:
+    backend, queue = request.app.state.backend, request.app.state.queue
+    total, _ = backend.store(project).counts(0)
+    return {
+        "project": project,
+        "model_version": backend.model_version(project),
+        "annotated_tasks": total,
+        "job": queue.status(project),
+        "autolabel": queue.status(project, "autolabel"),
+        "versions": [v.meta for v in backend.registry(project).versions()],
+    }
+
+
+@router.get("/projects/{project}/")
+def project_page(project: ProjectId, request: Request) -> HTMLResponse:
+    backend, queue = request.app.state.backend, request.app.state.queue
+    rows = report.version_rows(backend, project)
+    return HTMLResponse(report.page_html(project, backend.model_version(project), rows, queue.status(project),
+                                         queue.status(project, "autolabel")))
+
+
+@router.get("/projects/{project}/plot.png")
+def project_plot(project: ProjectId, request: Request) -> Response:
+    rows = report.version_rows(request.app.state.backend, project)
+    return Response(report.plot_png(rows), media_type="image/png")
+
+
+@router.post("/autolabel/{project}")
+def autolabel(project: ProjectId, request: Request):
+    """Pre-annotate every unlabeled task with the served version (protect it with BASIC_AUTH_*)."""
+    if not request.app.state.backend.registry(project).current_name():
+        return error(409, f"project {project} has no trained version yet")
+    return {"project": project, "autolabel": request.app.state.scheduler.request(project, "autolabel")}
+
+
+@router.get("/metrics")
+def metrics_route(request: Request) -> PlainTextResponse:
+    body = metrics.render(request.app.state.backend, request.app.state.queue)
+    return PlainTextResponse(body, media_type=metrics.CONTENT_TYPE)
+
+
+def accepted_credentials(settings: Settings) -> set[bytes] | None:
+    """user:pass as UTF-8 (RFC 7617, browsers) and as Latin-1 (Python requests, so Label Studio); None: no auth."""
+    if not (settings.basic_auth_user or settings.basic_auth_pass):
+        return None
+    pair = f"{settings.basic_auth_user}:{settings.basic_auth_pass}"
+    accepted = {pair.encode("utf-8")}
+    with contextlib.suppress(UnicodeEncodeError):
+        accepted.add(pair.encode("latin-1"))
+    return accepted
+
+
+def authorized(header: str, accepted: set[bytes]) -> bool:
+    """Compare bytes, so non-ASCII credentials work; anything malformed is simply not authorized."""
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
     try:
-        body = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"the body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise InvalidInput("the body must be a JSON object")
-    return body
+        given = base64.b64decode(encoded.strip(), validate=True)
+    except ValueError:  # binascii.Error, or non-ASCII characters in the header
+        return False
+    matches = [secrets.compare_digest(given, pair) for pair in accepted]  # compare with all: no early exit
+    return any(matches)
+
+
+class BasicAuthAndTiming:
+    """Every route, /docs and /openapi.json included, needs the credentials when they are set; then timing.
+
+    A plain ASGI middleware: Starlette's BaseHTTPMiddleware would wrap the body-limit 413 in an exception group.
+    """
+
+    def __init__(self, app: ASGIApp, accepted: set[bytes] | None):
+        self.app = app
+        self.accepted = accepted
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.accepted is not None and not authorized(Headers(scope=scope).get("authorization", ""), self.accepted):
+            response = error(401, "authentication required: this backend's BASIC_AUTH_USER and BASIC_AUTH_PASS",
+                             headers={"WWW-Authenticate": 'Basic realm="yolo-backend", charset="UTF-8"'})
+            return await response(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            metrics.observe(scope["path"], status, time.perf_counter() - started)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -54,39 +225,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                                          "autolabel": autolabel_project}))
     set_queue(queue)
     scheduler = Scheduler(backend, queue)
+    accepted = accepted_credentials(settings)
+    webhook_auth = None
+    if accepted and settings.label_studio_url and settings.label_studio_api_key:
+        webhook_auth = WebhookAuth(backend.client(), basic_auth_header(settings.basic_auth_user,
+                                                                       settings.basic_auth_pass))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         backend.warm_up()
         yield
         scheduler.close()
+        if webhook_auth is not None:
+            webhook_auth.close()
 
-    app = FastAPI(title="YOLO backend for Label Studio", lifespan=lifespan)
+    # max_body_size: Starlette's ASGI middleware answers 413 from Content-Length, or once the streamed bytes pass it.
+    app = FastAPI(title="YOLO backend for Label Studio", lifespan=lifespan, max_body_size=settings.max_body_bytes)
     app.state.backend, app.state.queue, app.state.scheduler = backend, queue, scheduler
+    app.state.webhook_auth = webhook_auth
+    app.include_router(router)
 
-    @app.middleware("http")
-    async def basic_auth_and_timing(request: Request, call_next):
-        if settings.basic_auth_user or settings.basic_auth_pass:
-            if not _authorized(request.headers.get("authorization", ""), settings):
-                return Response("authentication required", status_code=401,
-                                headers={"WWW-Authenticate": 'Basic realm="yolo-backend"'})
-        started = time.perf_counter()
-        response = await call_next(request)
-        metrics.observe(request.url.path, response.status_code, time.perf_counter() - started)
-        return response
+    app.add_middleware(BasicAuthAndTiming, accepted=accepted)
 
-    @app.get("/")
-    @app.get("/health")
-    async def health() -> dict:
-        return {
-            "status": "UP",
-            "model_class": "YOLO",
-            "queue": queue.kind,
-            "base_model": settings.base_model,
-            "base_model_error": backend.base_error,
-            "models_loaded": backend.models.loaded(),
-            "waiting_for_queue": sorted(f"{kind}:{project}" for kind, project in scheduler.pending),
-        }
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError):
+        return error(400, describe_errors(exc.errors()))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException):
+        message = str(exc.detail)
+        if exc.status_code == 413:
+            message = f"the request body is larger than MAX_BODY_BYTES={settings.max_body_bytes} bytes"
+        return error(exc.status_code, message, headers=exc.headers)
 
     @app.exception_handler(InvalidInput)
     @app.exception_handler(ConfigError)
@@ -97,91 +267,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def no_model(_: Request, exc: WeightsUnavailable):
         return error(503, f"no model to predict with: {exc}")
 
-    @app.post("/setup")
-    async def setup(request: Request):
-        body = await json_body(request)
-        project = project_id(body.get("project"))
-        config = body.get("schema") or body.get("label_config") or ""
-        parse_label_config(config)
-        await run_in_threadpool(remember_config, backend, project, config, hostname=body.get("hostname"),
-                                access_token=body.get("access_token"))
-        return {"model_version": backend.model_version(project)}
-
-    @app.post("/predict")
-    async def predict(request: Request):
-        body = await json_body(request)
-        project = project_id(body.get("project"))
-        tasks = body.get("tasks")
-        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
-            raise InvalidInput("'tasks' must be a list of task objects")
-        config = body.get("label_config") or backend.store(project).info().get("label_config", "")
-        control = parse_label_config(config)
-        version, results, _ = await run_in_threadpool(backend.predict_tasks, project, control, tasks)
-        metrics.PREDICTED_TASKS.inc(len(tasks))
-        return {"results": results, "model_version": version}
-
-    @app.post("/webhook")
-    async def webhook(request: Request):
-        return await run_in_threadpool(handle_event, backend, scheduler, await json_body(request))
-
-    @app.post("/train")
-    async def train(request: Request):
-        """Older Label Studio versions call /train instead of sending START_TRAINING."""
-        body = {**await json_body(request), "action": "START_TRAINING"}
-        return await run_in_threadpool(handle_event, backend, scheduler, body)
-
-    @app.get("/versions")
-    async def versions(project: str | None = None):
-        projects = [project_id(project)] if project else backend.projects()
-        listed = [{"project": p, **v.meta} for p in projects for v in backend.registry(p).versions()]
-        return {"versions": [v["version"] for v in listed], "details": listed}
-
-    @app.get("/status/{project}")
-    async def status(project: str):
-        project = project_id(project)
-        total, _ = backend.store(project).counts(0)
-        return {
-            "project": project,
-            "model_version": backend.model_version(project),
-            "annotated_tasks": total,
-            "job": queue.status(project),
-            "autolabel": queue.status(project, "autolabel"),
-            "versions": [v.meta for v in backend.registry(project).versions()],
-        }
-
-    @app.get("/projects/{project}/")
-    async def project_page(project: str):
-        project = project_id(project)
-        rows = await run_in_threadpool(report.version_rows, backend, project)
-        return HTMLResponse(report.page_html(project, backend.model_version(project), rows, queue.status(project),
-                                             queue.status(project, "autolabel")))
-
-    @app.get("/projects/{project}/plot.png")
-    async def project_plot(project: str):
-        rows = await run_in_threadpool(report.version_rows, backend, project_id(project))
-        return Response(await run_in_threadpool(report.plot_png, rows), media_type="image/png")
-
-    @app.post("/autolabel/{project}")
-    async def autolabel(project: str):
-        """Pre-annotate every unlabeled task with the served version (protect it with BASIC_AUTH_*)."""
-        project = project_id(project)
-        if not backend.registry(project).current_name():
-            return error(409, f"project {project} has no trained version yet")
-        return {"project": project, "autolabel": await run_in_threadpool(scheduler.request, project, "autolabel")}
-
-    @app.get("/metrics")
-    async def metrics_route():
-        body = await run_in_threadpool(metrics.render, backend, queue)
-        return PlainTextResponse(body, media_type=metrics.CONTENT_TYPE)
-
     return app
-
-
-def _authorized(header: str, settings: Settings) -> bool:
-    if not header.lower().startswith("basic "):
-        return False
-    try:
-        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return False
-    return secrets.compare_digest(user, settings.basic_auth_user) & secrets.compare_digest(password, settings.basic_auth_pass)

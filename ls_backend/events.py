@@ -7,17 +7,12 @@ from model.label_config import ConfigError, parse_label_config
 from model.effort import compare
 from model.project_store import ProjectStore, annotation_record
 
-from .backend import Backend, InvalidInput, project_id
+from .backend import Backend
 from .jobs import resync_flag
 from .scheduler import Scheduler
+from .schemas import AnnotationEvent, AnnotationsDeleted, Event
 
 log = logging.getLogger(__name__)
-
-ANNOTATION_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED"}
-
-
-class BadEvent(InvalidInput):
-    """A webhook payload we cannot use; answered with a 400 and this message."""
 
 
 def remember_config(backend: Backend, project: str, config: str | None, **extra) -> None:
@@ -49,24 +44,14 @@ def measure_effort(store: ProjectStore, record: dict) -> None:
     store.put_effort(record["task_id"], {"version": predicted["version"], **effort.as_dict()})
 
 
-def handle_event(backend: Backend, scheduler: Scheduler, payload: dict) -> dict:
-    """Apply one event; everything slow (training, resync) is left to the job."""
-    if not isinstance(payload, dict) or not payload.get("action"):
-        raise BadEvent("the webhook body must be a JSON object with an 'action'")
-    action = payload["action"]
-    try:
-        project = project_id(payload.get("project"))
-    except InvalidInput as exc:
-        raise BadEvent(f"{action}: {exc}") from exc
-    if isinstance(payload.get("project"), dict):
-        remember_config(backend, project, payload["project"].get("label_config"), title=payload["project"].get("title"))
+def handle_event(backend: Backend, scheduler: Scheduler, event: Event) -> dict:
+    """Apply one validated event; everything slow (training, resync) is left to the job."""
+    project = event.project.id
+    remember_config(backend, project, event.project.label_config, title=event.project.title)
     store = backend.store(project)
     training = None
-    if action in ANNOTATION_EVENTS:
-        annotation, task = payload.get("annotation"), payload.get("task")
-        if not isinstance(annotation, dict) or not isinstance(task, dict) or not (task.get("id") or annotation.get("task")):
-            raise BadEvent(f"{action} needs 'annotation' and 'task' objects")
-        record = annotation_record(task, annotation)
+    if isinstance(event, AnnotationEvent):
+        record = annotation_record(event.task.as_sent(), event.annotation.as_sent())
         if record["cancelled"]:
             stored = store.get(record["task_id"])
             if stored is None or stored.get("annotation_id") == record["annotation_id"]:
@@ -75,15 +60,15 @@ def handle_event(backend: Backend, scheduler: Scheduler, payload: dict) -> dict:
             store.put(record)
             measure_effort(store, record)
         training = scheduler.after_annotation(project)
-    elif action == "ANNOTATIONS_DELETED":
-        ids = {a.get("id") for a in payload.get("annotations") or [] if isinstance(a, dict)}
+    elif isinstance(event, AnnotationsDeleted):
+        ids = {a.id for a in event.annotations}
         removed = store.delete_annotations(ids)
         log.info("project %s: forgot %d of %d deleted annotations", project, removed, len(ids))
-    elif action == "TASKS_CREATED" and backend.registry(project).current_name():
+    elif event.action == "TASKS_CREATED" and backend.registry(project).current_name():
         training = scheduler.autolabel(project)
-    elif action == "START_TRAINING":
+    elif event.action == "START_TRAINING":
         flag = resync_flag(backend, project)
         flag.parent.mkdir(parents=True, exist_ok=True)
         flag.touch()
         training = scheduler.request(project)
-    return {"status": "ok", "action": action, "project": project, "training": training}
+    return {"status": "ok", "action": event.action, "project": project, "training": training}

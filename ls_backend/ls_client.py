@@ -125,3 +125,9 @@ class LabelStudioClient:
 
     def create_prediction(self, task: int, result: list[dict], score: float, model_version: str) -> dict:
         return self.request("POST", "/api/predictions", json={"task": task, "result": result, "score": score, "model_version": model_version}).json()
+
+    def webhooks(self, project: int | str) -> list[dict]:
+        return self.request("GET", "/api/webhooks", params={"project": project}).json()
+
+    def patch_webhook(self, webhook: int, headers: dict[str, str]) -> dict:
+        return self.request("PATCH", f"/api/webhooks/{webhook}", json={"headers": headers}).json()

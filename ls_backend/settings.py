@@ -45,6 +45,9 @@ class Settings(BaseSettings):
 
     basic_auth_user: str = ""
     basic_auth_pass: str = ""
+    allow_unauthenticated: bool = False
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_predict_tasks: int = 1000
 
     min_annotations: int = 10
     retrain_every: int = 5
