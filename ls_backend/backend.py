@@ -3,19 +3,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from itertools import groupby
 from pathlib import Path
 
-from model.label_config import RectangleLabelsControl
-from model.predictor import Detections, ModelCache, predict
+from model.images import set_max_pixels
 from model.project_store import ProjectStore
 from model.registry import ProjectRegistry
 from model.weights import WeightsUnavailable, resolve_weights
 from model.yolo_env import prepare_ultralytics
 
 from .ls_client import LabelStudioClient, LabelStudioError
-from .media import MediaError, MediaFetcher, image_shape, read_image
+from .media import MediaFetcher
+from .serving import PredictionService
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,12 +40,14 @@ class Backend:
         self.settings = settings
         settings.model_dir.mkdir(parents=True, exist_ok=True)
         prepare_ultralytics(settings.ultralytics_dir, settings.allow_downloads)
-        self.models = ModelCache(device=settings.device)
+        set_max_pixels(settings.max_image_pixels)
+        self.predictions = PredictionService(self)
+        self.models = self.predictions.models  # what /health lists
+        self.predict_tasks = self.predictions.predict_tasks  # what /predict and auto-labeling call
         self._clients: dict[tuple[str, str], LabelStudioClient] = {}
         self._base: Path | None = None
         self.base_error: str | None = None
         self._base_lock = threading.Lock()
-        self.io_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="media")
 
     # -- projects -------------------------------------------------------------------------------
     def projects(self) -> list[str]:
@@ -129,75 +129,3 @@ class Backend:
             imgsz = (current.meta.get("plan") or {}).get("imgsz") or s.predict_imgsz
             return current.name, current.weights, False, imgsz, current.meta.get("conf") or s.predict_conf
         return self.model_version(project), self.base_weights(), True, s.predict_imgsz, s.predict_conf
-
-    # -- prediction -----------------------------------------------------------------------------
-    def fetch_images(self, project: str, control: RectangleLabelsControl, tasks: list[dict]) -> list:
-        """Each task's image as a local file and its (height, width), or the MediaError that explains why not."""
-        fetcher = self.fetcher(project)
-
-        def one(task: dict):
-            try:
-                ref = (task.get("data") or {}).get(control.value_key)
-                if ref is None:
-                    raise MediaError(f"task data has no '{control.value_key}' field")
-                path = fetcher.fetch(ref)
-                return path, image_shape(path)
-            except (MediaError, LabelStudioError, OSError) as exc:
-                log.warning("project %s task %s: image skipped: %s", project, task.get("id"), exc)
-                return MediaError(str(exc))
-
-        return list(self.io_pool.map(one, tasks))
-
-    def predict_tasks(self, project: str, control: RectangleLabelsControl,
-                      tasks: list[dict]) -> tuple[str, list[dict], set[int]]:
-        """One Label Studio prediction per task, in order, and the indices whose image failed (empty result).
-
-        Images of one shape are batched together (Ultralytics pads a mixed batch to a square, which is slower
-        and changes results), and each batch is decoded while the previous one is predicted, so only two
-        batches of pixels are ever held.
-        """
-        version, weights, is_base, imgsz, conf = self.serving(project)
-        model = self.models.get(weights)
-        label_map = control.model_label_map(model.names, aliases=is_base)
-        files = self.fetch_images(project, control, tasks)
-        failed = {i for i, f in enumerate(files) if isinstance(f, Exception)}
-        detections: dict[int, Detections] = {}
-        if label_map:
-            s = self.settings
-            order = sorted((i for i in range(len(tasks)) if i not in failed), key=lambda i: files[i][1])
-            size = max(1, s.predict_batch)
-            chunks = [same[k:k + size] for _, group in groupby(order, key=lambda i: files[i][1])
-                      for same in [list(group)] for k in range(0, len(same), size)]
-
-            def decode(chunk: list[int]) -> list:
-                return [_decode(files[i][0]) for i in chunk]
-
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder:
-                pending = decoder.submit(decode, chunks[0]) if chunks else None
-                for n, chunk in enumerate(chunks):
-                    images = pending.result()
-                    pending = decoder.submit(decode, chunks[n + 1]) if n + 1 < len(chunks) else None
-                    ok = [(i, image) for i, image in zip(chunk, images) if not isinstance(image, Exception)]
-                    failed.update(i for i, image in zip(chunk, images) if isinstance(image, Exception))
-                    if ok:
-                        found = predict(model, [image for _, image in ok], label_map, imgsz, conf, len(ok), s.device)
-                        detections.update(zip([i for i, _ in ok], found))
-        results, store = [], self.store(project)
-        for i, task in enumerate(tasks):
-            item = {"result": [], "score": 0.0, "model_version": version}
-            if i in detections:
-                h, w = files[i][1]
-                item["result"] = [control.to_region(box, w, h) for box in detections[i].boxes]
-                item["score"] = detections[i].score
-            if i not in failed and task.get("id") is not None:
-                store.remember_prediction(task["id"], version, item["result"])
-            results.append(item)
-        return version, results, failed
-
-
-def _decode(path: Path):
-    try:
-        return read_image(path)
-    except MediaError as exc:
-        log.warning("image skipped: %s", exc)
-        return exc

@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     predict_imgsz: int = 640
     predict_conf: float = 0.25
     predict_batch: int = 4
+    max_image_pixels: int = 50_000_000
 
     label_studio_url: str = ""
     label_studio_api_key: str = ""

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
-from PIL import Image
 
+from .images import probe, write_upright
 from .label_config import RectangleLabelsControl
 
 log = logging.getLogger(__name__)
@@ -50,17 +50,20 @@ def yolo_rows(record: dict, control: RectangleLabelsControl, size: tuple[int, in
     return rows, unknown
 
 
-def _region_size(record: dict, image_path: Path) -> tuple[int, int]:
+def _region_size(record: dict, upright: tuple[int, int]) -> tuple[int, int]:
     for region in record.get("result") or []:
         if region.get("original_width") and region.get("original_height"):
             return int(region["original_width"]), int(region["original_height"])
-    with Image.open(image_path) as image:
-        return image.size
+    return upright
 
 
 def build_dataset(records: list[dict], control: RectangleLabelsControl, fetch: Callable[[dict], Path],
                   out_dir: Path) -> DatasetInfo:
-    """Write images (as links to the cache) and labels for train and val; a task that fails is skipped and named."""
+    """Write images and labels for train and val; a task that fails is skipped and named.
+
+    Images are links to the cache, except those whose EXIF orientation turns them: those are written upright (as
+    the one decoder, model.images, sees them and Label Studio shows them), so Ultralytics reads them the same way.
+    """
     info = DatasetInfo(out_dir / "data.yaml", list(control.labels))
     held = [r for r in records if is_held_out(r["task_id"])]
     if not held and len(records) >= 2:
@@ -73,21 +76,21 @@ def build_dataset(records: list[dict], control: RectangleLabelsControl, fetch: C
         task_id = record["task_id"]
         try:
             source = fetch(record)
-            with Image.open(source) as image:
-                image.verify()
-                fmt = (image.format or "jpeg").lower()
-            with Image.open(source) as image:
-                actual = image.size
-            rows, unknown = yolo_rows(record, control, _region_size(record, source))
+            image = probe(source)
+            actual = (image.width, image.height)
+            rows, unknown = yolo_rows(record, control, _region_size(record, actual))
+            split = "val" if task_id in held_ids else "train"
+            link = out_dir / "images" / split / f"{task_id}.{'jpg' if image.format == 'jpeg' else image.format}"
+            if image.rotated:
+                write_upright(source, link)
+            else:
+                link.unlink(missing_ok=True)
+                os.symlink(source.resolve(), link)
         except Exception as exc:  # a broken image or an unreachable host costs one task, not the run
             info.skipped[task_id] = str(exc)
             log.warning("task %s left out of training: %s", task_id, exc)
             continue
         info.unknown_labels.update(unknown)
-        split = "val" if task_id in held_ids else "train"
-        link = out_dir / "images" / split / f"{task_id}.{'jpg' if fmt == 'jpeg' else fmt}"
-        link.unlink(missing_ok=True)
-        os.symlink(source.resolve(), link)
         (out_dir / "labels" / split / f"{task_id}.txt").write_text("\n".join(rows) + ("\n" if rows else ""))
         getattr(info, split).append(task_id)
         info.image_sizes.append(actual)

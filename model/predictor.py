@@ -1,9 +1,9 @@
-"""Load each model once per process and predict images in batches."""
+"""Load each model once per process and predict images in batches, one caller per model at a time."""
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +32,30 @@ def image_uncertainty(confidences: list[float]) -> float:
     return max((1.0 - abs(2.0 * c - 1.0) for c in confidences), default=0.0)
 
 
+@dataclass
+class LoadedModel:
+    """A YOLO model and the lock every prediction with it holds: an Ultralytics predictor keeps per-call state
+    (its arguments, batch, results) and is documented as not thread-safe."""
+
+    yolo: object
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def names(self) -> dict[int, str]:
+        return self.yolo.names
+
+
 class ModelCache:
     """A small LRU of loaded YOLO models keyed by weights path and modification time."""
 
     def __init__(self, size: int = 4, device: str = ""):
         self.size = size
         self.device = device
-        self._models: OrderedDict[tuple[str, int], object] = OrderedDict()
+        self._models: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, int], threading.Lock] = {}
 
-    def get(self, weights: Path):
+    def get(self, weights: Path) -> LoadedModel:
         key = (str(weights), weights.stat().st_mtime_ns)
         with self._lock:
             if key in self._models:
@@ -55,7 +68,7 @@ class ModelCache:
                     return self._models[key]
             from ultralytics import YOLO
 
-            model = YOLO(str(weights), task="detect")
+            model = LoadedModel(YOLO(str(weights), task="detect"))
             with self._lock:
                 self._models[key] = model
                 self._loading.pop(key, None)
@@ -68,7 +81,7 @@ class ModelCache:
             return [path for path, _ in self._models]
 
 
-def predict(model, images: list[np.ndarray], label_map: dict[int, str], imgsz: int, conf: float,
+def predict(model: LoadedModel, images: list[np.ndarray], label_map: dict[int, str], imgsz: int, conf: float,
             batch: int, device: str = "") -> list[Detections]:
     """Run the model over BGR images in batches and keep the classes the project knows, named by its labels."""
     out: list[Detections] = []
@@ -76,7 +89,9 @@ def predict(model, images: list[np.ndarray], label_map: dict[int, str], imgsz: i
     if device:
         kwargs["device"] = device
     for start in range(0, len(images), max(1, batch)):
-        for result in model.predict(images[start:start + batch], **kwargs):
+        with model.lock:
+            results = model.yolo.predict(images[start:start + batch], **kwargs)
+        for result in results:
             data = result.boxes.data.cpu().numpy() if result.boxes is not None else np.zeros((0, 6))
             boxes, candidates = [], []
             for x1, y1, x2, y2, score, cls in data[:, :6]:

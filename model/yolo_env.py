@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 _FONTS = ("Arial.ttf", "Arial.Unicode.ttf")
@@ -23,3 +24,10 @@ def prepare_ultralytics(config_dir: Path, allow_downloads: bool) -> None:
     if not allow_downloads:
         os.environ["YOLO_OFFLINE"] = "1"
     os.environ.setdefault("YOLO_VERBOSE", "False")
+    # A missing optional package (a HEIF plugin for a file that is not an image, an export tool) is an error,
+    # never a pip install in a serving process.
+    os.environ["YOLO_AUTOINSTALL"] = "false"
+    for name in ("ultralytics.utils", "ultralytics.utils.checks"):
+        module = sys.modules.get(name)
+        if module is not None:  # imported before this ran (a test, a notebook): it has read its environment already
+            module.AUTOINSTALL = False
