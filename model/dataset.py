@@ -34,6 +34,7 @@ class DatasetInfo:
     skipped: dict[int, str] = field(default_factory=dict)
     unknown_labels: set[str] = field(default_factory=set)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    box_sides: list[float] = field(default_factory=list)  # each labeled box's shorter side in image pixels
 
 
 def yolo_rows(record: dict, control: RectangleLabelsControl, size: tuple[int, int]) -> tuple[list[str], list[str]]:
@@ -94,6 +95,8 @@ def build_dataset(records: list[dict], control: RectangleLabelsControl, fetch: C
         (out_dir / "labels" / split / f"{task_id}.txt").write_text("\n".join(rows) + ("\n" if rows else ""))
         getattr(info, split).append(task_id)
         info.image_sizes.append(actual)
+        info.box_sides.extend(min(float(w) * actual[0], float(h) * actual[1])
+                              for w, h in (row.split()[3:5] for row in rows))
     if info.unknown_labels:
         log.warning("labels not in the config were left out: %s", sorted(info.unknown_labels))
     if not info.val and len(info.train) >= 2:

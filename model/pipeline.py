@@ -8,16 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import thresholds
 from .dataset import build_dataset
 from .label_config import RectangleLabelsControl
+from .policy import worse_margin
 from .project_store import ProjectStore
 from .registry import ProjectRegistry, Version
-from .trainer import ProgressFn, TrainParams, plan, train
-from .validator import best_confidence, evaluate
+from .trainer import ProgressFn, TrainParams, model_cost, plan, train
+from .validator import evaluate
 
 log = logging.getLogger(__name__)
-
-TOLERANCE = 0.005  # fitness noise on a handful of held-out images; 'not worse' allows this much
 
 
 class NotEnoughData(RuntimeError):
@@ -32,6 +32,7 @@ class RunOutcome:
     accepted: bool
     reason: str
     metrics: dict = field(default_factory=dict)
+    gain: float | None = None  # fitness over the served version on the same held-out tasks
 
 
 def trained_upto(registry: ProjectRegistry) -> float:
@@ -39,10 +40,27 @@ def trained_upto(registry: ProjectRegistry) -> float:
     return max((v.meta.get("trained_upto", 0.0) for v in registry.versions()), default=0.0)
 
 
+def known_rows(control: RectangleLabelsControl, base_names: dict[int, str]) -> dict[int, int]:
+    """For each label the base model already knows, its class index in the new model and in the base."""
+    rows: dict[int, int] = {}
+    for base_index, label in sorted(control.model_label_map(base_names, aliases=True).items()):
+        rows.setdefault(control.labels.index(label), base_index)
+    return rows
+
+
+def _base_names(weights: Path) -> dict[int, str]:
+    import torch
+
+    checkpoint = torch.load(str(weights), map_location="cpu", weights_only=False)
+    model = checkpoint.get("ema") or checkpoint.get("model")
+    names = getattr(model, "names", None) or {}
+    return dict(enumerate(names)) if isinstance(names, list) else dict(names)
+
+
 def run_training(store: ProjectStore, registry: ProjectRegistry, control: RectangleLabelsControl,
                  fetch: Callable[[dict], Path], base_weights: Path, params: TrainParams, min_annotations: int,
                  accept_only_if_not_worse: bool, keep_versions: int, progress: ProgressFn | None = None,
-                 refined: bool = False, default_conf: float = 0.25) -> RunOutcome:
+                 refined: bool = False, default_conf: float = 0.25, refine_round: int = 0) -> RunOutcome:
     """Train a new version from every stored annotation, warm-starting from the served one."""
     started = time.time()
     annotation_files = list(store.annotations_dir.glob("*.json")) if store.annotations_dir.is_dir() else []
@@ -59,44 +77,57 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
         parent_ok = parent is not None and parent.weights.is_file()
         start_from = parent.weights if parent_ok else base_weights
         parent_imgsz = (parent.meta.get("plan") or {}).get("imgsz") if parent_ok and not refined else None
-        run_plan = plan(params, len(info.train), info.image_sizes, parent_imgsz)
-        log.info("project %s: training %s on %d train / %d val tasks from %s", store.project, run_plan,
-                 len(info.train), len(info.val), start_from.name)
-        weights, seconds = train(info.yaml_path, start_from, work / "train", run_plan, params.device, params.seed, progress)
+        run_plan = plan(params, len(info.train), [max(size) for size in info.image_sizes], info.box_sides,
+                        parent_imgsz, model_cost(start_from))
+        rows = {} if parent_ok else known_rows(control, _base_names(start_from))
+        log.info("project %s: training %s on %d train / %d val tasks from %s%s", store.project, run_plan,
+                 len(info.train), len(info.val), start_from.name, f", keeping head rows {rows}" if rows else "")
+        weights, seconds = train(info.yaml_path, start_from, work / "train", run_plan, params.device, params.seed,
+                                 progress, rows)
         scores = evaluate(weights, info.yaml_path, run_plan.imgsz, work, params.device, len(info.val))
-        conf = best_confidence(weights, info.yaml_path, run_plan.imgsz, default_conf, params.device)
-        accepted, reason, parent_scores = True, "first trained version", None
+        held_out = thresholds.held_out_predictions(weights, info.yaml_path, run_plan.imgsz, params.device)
+        served_boxes, evidence = thresholds.learn(held_out, info.names, default_conf)
+        accepted, reason, parent_scores, gain = True, "first trained version", None, None
         if parent_ok:
             if list(parent.meta.get("labels", [])) != info.names:
                 reason = "the label set changed, so the previous version cannot be compared"
             else:
                 parent_scores = evaluate(parent.weights, info.yaml_path, run_plan.imgsz, work, params.device, len(info.val))
-                better = scores.fitness >= parent_scores.fitness - TOLERANCE
+                gain = scores.fitness - parent_scores.fitness
+                margin = worse_margin(len(info.val))
+                better = gain >= -margin
                 accepted = better or not accept_only_if_not_worse
                 reason = (f"fitness {scores.fitness:.4f} vs {parent.name} {parent_scores.fitness:.4f} on the same "
-                          f"{len(info.val)} held-out tasks" + ("" if better else ": worse"))
+                          f"{len(info.val)} held-out tasks (served unless lower by more than {margin:.3f})"
+                          + ("" if better else ": worse"))
         meta = {
             "parent": parent.name if parent_ok else None,
             "base_weights": str(start_from),
             "annotations": len(info.train) + len(info.val),
             "train_tasks": info.train,
             "val_tasks": info.val,
+            "held_out_tasks": len(info.val),
             "skipped_tasks": info.skipped,
             "labels": info.names,
+            "known_rows": {info.names[new]: old for new, old in rows.items()},
             "metrics": scores.as_dict(),
             "parent_metrics": parent_scores.as_dict() if parent_scores else None,
+            "gain": gain,
             "plan": run_plan.__dict__,
-            "conf": conf,
+            "conf": served_boxes.default,
+            "thresholds": served_boxes.as_dict(),
+            "threshold_evidence": evidence,
             "train_seconds": round(seconds, 1),
             "seconds": round(time.time() - started, 1),
             "trained_upto": upto,
             "reason": reason,
             "refined": refined,
+            "refine_round": refine_round,
             "status": "rejected",
         }
         version = registry.add(weights, meta, make_current=accepted)
         registry.prune(keep_versions)
         log.info("project %s: %s %s (%s)", store.project, version.name, "served" if accepted else "rejected", reason)
-        return RunOutcome(version, accepted, reason, scores.as_dict())
+        return RunOutcome(version, accepted, reason, scores.as_dict(), gain)
     finally:
         shutil.rmtree(work, ignore_errors=True)

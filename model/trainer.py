@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from . import compute, policy
 
 log = logging.getLogger(__name__)
 
@@ -37,54 +38,79 @@ class TrainPlan:
     time_budget: float
 
 
-# Seconds one image takes through one training pass at 320 px on one CPU thread (measured on this project's 2-core
-# machines); the cost grows with the square of the image size. GPUs are taken to be 20x faster.
-CPU_THREAD_SECONDS_PER_IMAGE_320 = 0.32
-SIZES = tuple(range(640, 159, -32))
-
-
-def target_epochs(n_train: int) -> int:
-    """Few images need many passes to be learned; many images need fewer."""
-    return max(20, min(100, 800 // max(1, n_train)))
-
-
-def seconds_per_image(imgsz: int, device: str) -> float:
+def _gpu(device: str) -> bool:
     import torch
 
-    gpu = device not in ("cpu",) and torch.cuda.is_available()
-    per_thread = CPU_THREAD_SECONDS_PER_IMAGE_320 / max(1, torch.get_num_threads())
-    return per_thread * (imgsz / 320) ** 2 / (20 if gpu else 1)
+    return device != "cpu" and torch.cuda.is_available()
 
 
-def plan(params: TrainParams, n_train: int, image_sizes: list[tuple[int, int]], parent_imgsz: int | None = None) -> TrainPlan:
-    """Adapt epochs and image size to the data and the time budget.
+def model_cost(weights: Path) -> float:
+    """How much slower than the YOLOv5n-sized reference one training pass of these weights is."""
+    import torch
 
-    A run that continues a trained version keeps its image size, so objects keep the scale it learned. Otherwise
-    the largest size (up to the images' own, at most 640) at which the wanted number of passes fits the budget.
+    checkpoint = torch.load(str(weights), map_location="cpu", weights_only=False)
+    model = checkpoint.get("ema") or checkpoint.get("model")
+    parameters = sum(p.numel() for p in model.parameters()) if model is not None else policy.REFERENCE_PARAMETERS
+    return max(0.25, parameters / policy.REFERENCE_PARAMETERS)
+
+
+def plan(params: TrainParams, n_train: int, image_sides: list[int], box_sides: list[float],
+         parent_imgsz: int | None = None, cost: float = 1.0) -> TrainPlan:
+    """Adapt epochs and image size to the objects, the data and the time budget (see model/policy.py).
+
+    A run that continues a trained version keeps its image size, so objects keep the scale it learned.
     """
     batch = max(1, min(params.batch, n_train))
-    epochs = params.epochs if params.epochs > 0 else target_epochs(n_train)
-    longest = sorted(max(w, h) for w, h in image_sizes)[len(image_sizes) // 2] if image_sizes else 640
-    cap = max(64, min(640, int(math.ceil(longest / 32) * 32)))
+    epochs = params.epochs if params.epochs > 0 else policy.target_epochs(n_train)
     if params.imgsz > 0:
         imgsz = params.imgsz
     elif parent_imgsz:
-        imgsz = min(cap, parent_imgsz)
-    elif params.time_budget > 0:
-        fits = [s for s in SIZES if s <= cap and seconds_per_image(s, params.device) * n_train * epochs <= params.time_budget]
-        imgsz = fits[0] if fits else min(cap, 160)
+        imgsz = parent_imgsz
     else:
-        imgsz = cap
-    freeze = max(0, params.freeze)
-    return TrainPlan(epochs, imgsz, freeze, batch, params.time_budget)
+        imgsz = policy.choose_imgsz(params.time_budget, n_train, epochs, image_sides, box_sides, compute.cores(),
+                                    _gpu(params.device), cost)
+    return TrainPlan(epochs, imgsz, max(0, params.freeze), batch, params.time_budget)
+
+
+def keep_known_rows(model, base_model, rows: dict[int, int]) -> None:
+    """Copy the base model's classifier rows for labels it already knows into the new head (new index: base index)."""
+    import torch
+
+    head, base_head = model.model[-1], base_model.model[-1]
+    if not rows or not hasattr(head, "cv3") or not hasattr(base_head, "cv3"):
+        return
+    with torch.no_grad():
+        for branch, base_branch in zip(head.cv3, base_head.cv3):
+            last, base_last = branch[-1], base_branch[-1]
+            if not isinstance(last, torch.nn.Conv2d) or last.in_channels != base_last.in_channels:
+                return
+            for new, old in rows.items():
+                last.weight[new].copy_(base_last.weight[old])
+                if last.bias is not None and base_last.bias is not None:
+                    last.bias[new].copy_(base_last.bias[old])
 
 
 def train(data_yaml: Path, weights: Path, run_dir: Path, run_plan: TrainPlan, device: str = "",
-          seed: int = 0, progress: ProgressFn | None = None) -> tuple[Path, float]:
-    """Run Ultralytics training and return the trained weights and the seconds it took."""
+          seed: int = 0, progress: ProgressFn | None = None, known_rows: dict[int, int] | None = None) -> tuple[Path, float]:
+    """Run Ultralytics training and return the trained weights and the seconds it took.
+
+    known_rows maps class indices of the new model to those of `weights` for labels the base already knows: their
+    pretrained head rows are kept instead of starting from random ones.
+    """
     from ultralytics import YOLO
 
     model = YOLO(str(weights), task="detect")
+    # Torch's thread count is per calling thread: set it in the thread that trains, before every batch, so the run
+    # uses every core but gives one back while the same process serves a prediction.
+    model.add_callback("on_train_batch_start", lambda trainer: compute.use_training_threads())
+    if known_rows:
+        base = YOLO(str(weights), task="detect").model
+
+        def transfer(trainer) -> None:
+            keep_known_rows(trainer.model, base, known_rows)
+            if getattr(trainer, "ema", None) is not None:
+                keep_known_rows(trainer.ema.ema, base, known_rows)
+        model.add_callback("on_pretrain_routine_end", transfer)
     if progress is not None:
         model.add_callback("on_fit_epoch_end", lambda trainer: progress(min(trainer.epoch + 1, trainer.epochs), trainer.epochs))
     started = time.monotonic()
@@ -102,6 +128,7 @@ def train(data_yaml: Path, weights: Path, run_dir: Path, run_plan: TrainPlan, de
         kwargs["time"] = run_plan.time_budget / 3600
     if device:
         kwargs["device"] = device
+    compute.use_training_threads()
     model.train(**kwargs)
     out = run_dir / "weights"
     best = out / "best.pt" if (out / "best.pt").is_file() else out / "last.pt"

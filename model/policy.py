@@ -1,0 +1,111 @@
+"""The training policy in one place: how large and how long to train, when a version is better, which boxes pay.
+
+Every number here is a documented default (README, "How it learns"); the settings that override some of them live
+in ls_backend/settings.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# -- image size -------------------------------------------------------------------------------------------------
+MIN_OBJECT_PX = 24  # the median labeled box's shorter side at the training size; smaller objects are not learned
+MAX_IMGSZ_CPU = 1024  # a larger size leaves a CPU too few passes within any budget a user waits for
+MAX_IMGSZ_GPU = 1280
+MIN_IMGSZ = 160
+MAX_UPSCALE = 2.0  # small objects in small images may be enlarged this much, never more
+SIZE_STEP = 32  # YOLO's largest stride: sizes are multiples of it
+
+# Seconds one image takes through one training pass at 320 px on one CPU thread with the YOLOv5n-sized reference
+# model (measured on this project's 2-core machines: bccd at 640 px, 50 passes over 10 images in 120 s on two
+# threads); cost grows with the square of the image size and with the model's size. GPUs are taken to be 20x faster.
+CPU_THREAD_SECONDS_PER_IMAGE_320 = 0.12
+REFERENCE_PARAMETERS = 2.65e6  # YOLOv5n
+
+
+def target_epochs(n_train: int) -> int:
+    """Few images need many passes to be learned; many images need fewer."""
+    return max(20, min(100, 800 // max(1, n_train)))
+
+
+def seconds_per_image(imgsz: int, threads: int, gpu: bool, model_cost: float = 1.0) -> float:
+    per_image = CPU_THREAD_SECONDS_PER_IMAGE_320 / max(1, threads) * (imgsz / 320) ** 2 * model_cost
+    return per_image / (20 if gpu else 1)
+
+
+def _round_up(size: float) -> int:
+    return int(math.ceil(size / SIZE_STEP) * SIZE_STEP)
+
+
+def object_imgsz(image_sides: list[int], box_sides: list[float]) -> int:
+    """The training size at which the median labeled box is MIN_OBJECT_PX on its shorter side.
+
+    image_sides are the images' longest sides and box_sides the boxes' shorter sides, both in original pixels.
+    """
+    if not image_sides or not box_sides:
+        return 0
+    longest = sorted(image_sides)[len(image_sides) // 2]
+    box = max(1.0, sorted(box_sides)[len(box_sides) // 2])
+    return _round_up(longest * MIN_OBJECT_PX / box)
+
+
+def size_cap(image_sides: list[int], wanted_by_objects: int, gpu: bool) -> int:
+    """The images' own size, enlarged only as far as small objects need (and MAX_UPSCALE allows)."""
+    longest = sorted(image_sides)[len(image_sides) // 2] if image_sides else 640
+    own = _round_up(longest)
+    upscaled = min(wanted_by_objects, _round_up(longest * MAX_UPSCALE))
+    return max(MIN_IMGSZ, min(MAX_IMGSZ_GPU if gpu else MAX_IMGSZ_CPU, max(own, upscaled)))
+
+
+def choose_imgsz(budget: float, n_train: int, epochs: int, image_sides: list[int], box_sides: list[float],
+                 threads: int, gpu: bool, model_cost: float = 1.0) -> int:
+    """The largest size at which the wanted passes fit the budget, but never below what the objects need."""
+    needed = object_imgsz(image_sides, box_sides)
+    cap = size_cap(image_sides, needed, gpu)
+    sizes = range(cap, MIN_IMGSZ - 1, -SIZE_STEP)
+    if budget <= 0:
+        return cap
+    fits = [s for s in sizes if seconds_per_image(s, threads, gpu, model_cost) * n_train * epochs <= budget]
+    by_budget = fits[0] if fits else MIN_IMGSZ
+    return min(cap, max(by_budget, needed, MIN_IMGSZ))
+
+
+# -- judging versions -------------------------------------------------------------------------------------------
+TOLERANCE = 0.005  # the least fitness difference ever taken to mean 'worse'
+NOISE_PER_IMAGE = 0.1  # the spread of fitness between held-out sets of one image; it shrinks with sqrt(images)
+REFINE_MIN_GAIN = 0.005  # an idle refinement round that gains less than this (fitness) ends the rounds
+
+
+def worse_margin(held_out_images: int) -> float:
+    """How much lower a new version may score on the same held-out images and still be served.
+
+    On two images a score is mostly luck: demanding 'not worse' to the third decimal there rejects better
+    versions (more data, longer training) by chance, so while the held-out set is small the margin is wide.
+    """
+    return max(TOLERANCE, NOISE_PER_IMAGE / math.sqrt(max(1, held_out_images)))
+
+
+# -- which boxes to serve ---------------------------------------------------------------------------------------
+THRESHOLDS = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10 .. 0.90
+NEVER = 1.01  # a threshold no box reaches: serve none of that class
+MIN_BOXES_PER_CLASS = 20  # held-out boxes a class needs before it gets a threshold of its own
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The box threshold per label; a label at NEVER is not served because its boxes cost more than they save."""
+
+    default: float
+    per_label: dict[str, float]
+
+    def of(self, label: str) -> float:
+        return self.per_label.get(label, self.default)
+
+    def as_dict(self) -> dict:
+        return {"default": self.default, "per_label": self.per_label}
+
+    @classmethod
+    def from_meta(cls, meta: dict, fallback: float) -> "Thresholds":
+        data = meta.get("thresholds") or {}
+        default = data.get("default", meta.get("conf") or fallback)
+        return cls(default, dict(data.get("per_label") or {}))
