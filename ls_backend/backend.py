@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 from model.images import set_max_pixels
+from model.policy import Thresholds
 from model.project_store import ProjectStore
 from model.registry import ProjectRegistry
 from model.weights import WeightsUnavailable, resolve_weights
@@ -119,13 +120,13 @@ class Backend:
         """What Label Studio stores with each prediction; it changes whenever a new version is served."""
         return self.registry(project).current_name() or f"base-{Path(self.settings.base_model).stem}"
 
-    def serving(self, project: str) -> tuple[str, Path, bool, int, float]:
-        """The served version's name, weights, whether it is the base model, image size and box threshold."""
+    def serving(self, project: str) -> tuple[str, Path, bool, int, Thresholds]:
+        """The served version's name, weights, whether it is the base model, image size and box thresholds."""
         s = self.settings
         current = self.registry(project).current()
         if current is not None and current.weights.is_file():
             # Predict at the size the version learned at: objects then look as large as they did in training;
-            # and at the threshold that left the fewest boxes to fix on its held-out tasks.
+            # and at the thresholds that left the fewest boxes to fix on its held-out tasks.
             imgsz = (current.meta.get("plan") or {}).get("imgsz") or s.predict_imgsz
-            return current.name, current.weights, False, imgsz, current.meta.get("conf") or s.predict_conf
-        return self.model_version(project), self.base_weights(), True, s.predict_imgsz, s.predict_conf
+            return current.name, current.weights, False, imgsz, Thresholds.from_meta(current.meta, s.predict_conf)
+        return self.model_version(project), self.base_weights(), True, s.predict_imgsz, Thresholds(s.predict_conf, {})

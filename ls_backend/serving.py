@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from model import compute
 from model.images import ImageError, probe, read_image
 from model.label_config import RectangleLabelsControl
 from model.predictor import Detections, ModelCache, predict
@@ -64,7 +65,7 @@ class PredictionService:
         batches of pixels are ever held. Regions are sized by the decoded pixels, the ones the model saw.
         """
         s = self.backend.settings
-        version, weights, is_base, imgsz, conf = self.backend.serving(project)
+        version, weights, is_base, imgsz, thresholds = self.backend.serving(project)
         model = self.models.get(weights)
         label_map = control.model_label_map(model.names, aliases=is_base)
         files = self.fetch_images(project, control, tasks)
@@ -83,7 +84,9 @@ class PredictionService:
                     ok = [(i, image) for i, image in zip(chunk, images) if not isinstance(image, Exception)]
                     failed.update(i for i, image in zip(chunk, images) if isinstance(image, Exception))
                     if ok:
-                        detections = predict(model, [image for _, image in ok], label_map, imgsz, conf, len(ok), s.device)
+                        with compute.serving():  # an in-process training run gives this request a core
+                            detections = predict(model, [image for _, image in ok], label_map, imgsz, thresholds,
+                                                 len(ok), s.device)
                         found.update((i, (d, image.shape[:2])) for (i, image), d in zip(ok, detections))
         results, store = [], self.backend.store(project)
         for i, task in enumerate(tasks):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .label_config import Box
+from .policy import Thresholds
 
 # Candidates below the display threshold still tell how unsure the model is about an image.
 CANDIDATE_CONF = 0.05
@@ -81,11 +82,11 @@ class ModelCache:
             return [path for path, _ in self._models]
 
 
-def predict(model: LoadedModel, images: list[np.ndarray], label_map: dict[int, str], imgsz: int, conf: float,
-            batch: int, device: str = "") -> list[Detections]:
-    """Run the model over BGR images in batches and keep the classes the project knows, named by its labels."""
+def predict(model: LoadedModel, images: list[np.ndarray], label_map: dict[int, str], imgsz: int,
+            thresholds: Thresholds, batch: int, device: str = "") -> list[Detections]:
+    """Run the model over BGR images in batches and keep the boxes of labels the project knows above their thresholds."""
     out: list[Detections] = []
-    kwargs = {"imgsz": imgsz, "conf": min(conf, CANDIDATE_CONF), "verbose": False}
+    kwargs = {"imgsz": imgsz, "conf": CANDIDATE_CONF, "verbose": False}
     if device:
         kwargs["device"] = device
     for start in range(0, len(images), max(1, batch)):
@@ -99,7 +100,7 @@ def predict(model: LoadedModel, images: list[np.ndarray], label_map: dict[int, s
                 if label is None:
                     continue
                 candidates.append(float(score))
-                if score >= conf:
+                if score >= thresholds.of(label):
                     boxes.append(Box(label, float(x1), float(y1), float(x2), float(y2), float(score)))
             out.append(Detections(boxes, image_uncertainty(candidates)))
     return out
