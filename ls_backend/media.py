@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urljoin, urlsplit
@@ -83,7 +85,8 @@ class MediaFetcher:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         headers = self.client.auth_header() if self.client and self.client.owns(url) else {}
         self._download(url, headers, target)
-        self._evict(keep=target)
+        if _usage.add(self.cache_dir, target.stat().st_size, self.cache_max_bytes):
+            _usage.counted(self.cache_dir, self._evict(keep=target))
         return target
 
     def _download(self, url: str, headers: dict[str, str], target: Path) -> None:
@@ -118,9 +121,9 @@ class MediaFetcher:
                     raise MediaError(f"{url} is larger than MEDIA_MAX_BYTES={self.max_bytes}")
                 out.write(chunk)
 
-    def _evict(self, keep: Path) -> None:
+    def _evict(self, keep: Path) -> int:
         """Delete least recently used files until the cache fits MEDIA_CACHE_MAX_BYTES, and partial files left by a
-        killed process (older than any download may last)."""
+        killed process (older than any download may last); the bytes left."""
         files, now = [], time.time()
         for entry in os.scandir(self.cache_dir):
             try:
@@ -138,6 +141,32 @@ class MediaFetcher:
                 break
             Path(path).unlink(missing_ok=True)
             total -= size
+        return total
+
+
+class _CacheUsage:
+    """Bytes in each cache folder as this process last counted them plus what it wrote since: the folder is listed
+    again only when it may be over its bound, or after a minute, as other processes write to it too."""
+
+    RESCAN_SECONDS = 60.0
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._folders: dict[Path, tuple[float, int]] = {}
+
+    def add(self, folder: Path, size: int, limit: int) -> bool:
+        """Count a new file; whether the folder is due for eviction."""
+        with self._lock:
+            counted_at, used = self._folders.get(folder, (-math.inf, 0))
+            self._folders[folder] = (counted_at, used + size)
+        return used + size > limit or time.monotonic() - counted_at > self.RESCAN_SECONDS
+
+    def counted(self, folder: Path, used: int) -> None:
+        with self._lock:
+            self._folders[folder] = (time.monotonic(), used)
+
+
+_usage = _CacheUsage()
 
 
 def _touch(path: Path) -> None:

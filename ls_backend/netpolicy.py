@@ -125,12 +125,11 @@ def _embedded(address: IPAddress) -> list[IPAddress]:
     """The IPv4 addresses that an IPv6 address stands for (mapped, compatible, NAT64, 6to4, Teredo)."""
     if isinstance(address, ipaddress.IPv4Address):
         return []
-    low32 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     found = [a for a in (address.ipv4_mapped, address.sixtofour) if a is not None]
     if address.teredo:
         found.extend(address.teredo)
-    if address in _NAT64 or (int(address) >> 32 == 0 and int(address) > 1):
-        found.append(low32)
+    if address in _NAT64 or 1 < int(address) < 1 << 32:  # NAT64, or IPv4-compatible ::a.b.c.d
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
     return found
 
 
@@ -138,12 +137,13 @@ def refusal(address: IPAddress) -> str | None:
     """Why an address is never connected to, or None."""
     if address in _NAT64_LOCAL:
         return "local-use NAT64"
-    for inner in _embedded(address):
-        reason = refusal(inner)
+    inner = _embedded(address)
+    for wrapped in inner:
+        reason = refusal(wrapped)
         if reason:
-            return f"a wrapper of {inner}, which is {reason}"
-    if isinstance(address, ipaddress.IPv6Address) and (address.ipv4_mapped or address.is_loopback or _embedded(address)):
-        return None  # ::1 and the wrappers lie in ::/8, which ipaddress counts as reserved; judged by what they wrap
+            return f"a wrapper of {wrapped}, which is {reason}"
+    if inner or (address.version == 6 and address.is_loopback):
+        return None  # ::1 and some wrappers lie in ::/8, which ipaddress counts as reserved; judged by what they wrap
     if address in METADATA_ADDRESSES:
         return "cloud metadata"
     for name in ("link_local", "multicast", "unspecified", "reserved"):
@@ -160,6 +160,7 @@ def is_public(address: IPAddress) -> bool:
 
 
 def system_resolver(host: str, port: int) -> list[str]:
+    """Every address the system's resolver gives for a TCP connection, in its order of preference."""
     return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
 
 
@@ -176,7 +177,7 @@ class AddressPolicy:
 
     def addresses(self, origin: Origin) -> tuple[str, ...]:
         """Resolve once and check every address; the connection goes to these, in this order."""
-        host = origin.host.rstrip(".")
+        host = _canonical(origin.host)
         if host in METADATA_NAMES:
             raise AddressRefused(f"refused {host}: cloud metadata is never fetched")
         literal = _ip(host)

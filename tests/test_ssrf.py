@@ -276,9 +276,16 @@ def test_label_studio_url_without_key_ignores_the_setup_token(make_client, label
     assert ls.seen == [("/data/upload/1/missing.jpg", None)]
 
 
-def test_api_key_without_label_studio_url_is_refused(backend_env):
+@pytest.mark.parametrize("settings, message", [
+    ({"label_studio_api_key": TOKEN}, "LABEL_STUDIO_API_KEY is sent only to LABEL_STUDIO_URL"),
+    ({"label_studio_url": "http://127.0.0.1\\@ls.test:8080"}, "refused URL containing"),
+    ({"label_studio_url": "http://admin@ls.test:8080"}, "user info"),
+    ({"allowed_media_hosts": "images.test, http://cdn.test/"}, "not a host or host:port"),
+    ({"allowed_media_hosts": "0xa9fea9fe"}, "numeric IPv4 spelling"),
+])
+def test_settings_that_would_leak_or_never_work_are_refused_at_startup(backend_env, settings, message):
     from ls_backend.settings import get_settings
 
-    backend_env(label_studio_api_key=TOKEN)
-    with pytest.raises(ValueError, match="LABEL_STUDIO_API_KEY is sent only to LABEL_STUDIO_URL"):
+    backend_env(**settings)
+    with pytest.raises(ValueError, match=message):
         get_settings()
