@@ -84,7 +84,7 @@ def parse_origin(url: str) -> Origin:
     host = (parts.host or "").lower().removeprefix("[").removesuffix("]")
     if not host or host != (split.hostname or "") or parts.port != split_port:
         raise AddressRefused(f"refused ambiguous URL {url[:100]!r}: parsers disagree on its host")
-    return Origin(scheme, _valid_host(host), parts.port or DEFAULT_PORTS[scheme])
+    return Origin(scheme, _valid_host(host), DEFAULT_PORTS[scheme] if parts.port is None else parts.port)
 
 
 def _valid_host(host: str) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.server
+import ssl
 import threading
 import time
 from typing import Callable
@@ -62,11 +63,14 @@ def drop_after(announced: int, sent: bytes) -> Handler:
 
 
 class ScriptedServer:
-    """Serves `routes` (path -> handler) on host:port in a thread; `seen` lists (path, Authorization header)."""
+    """Serves `routes` (path -> handler) on host:port in a thread, over TLS when given (cert, key) files; `seen`
+    lists (path, Authorization header) and `hosts` the Host headers."""
 
-    def __init__(self, routes: dict[str, Handler] | None = None, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, routes: dict[str, Handler] | None = None, host: str = "127.0.0.1", port: int = 0,
+                 tls: tuple[str, str] | None = None):
         self.routes = dict(routes or {})
         self.seen: list[tuple[str, str | None]] = []
+        self.hosts: list[str | None] = []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -74,6 +78,7 @@ class ScriptedServer:
 
             def do_GET(self) -> None:
                 server.seen.append((self.path, self.headers.get("Authorization")))
+                server.hosts.append(self.headers.get("Host"))
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 try:
                     server.routes.get(self.path.split("?")[0], send(404, b"not found"))(self)
@@ -87,8 +92,12 @@ class ScriptedServer:
 
         self.httpd = http.server.ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.port = self.httpd.server_address[1]
-        self.url = f"http://{host}:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://{host}:{self.port}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 

@@ -1,11 +1,14 @@
 """Secrets and SSRF: where the backend connects, and which host gets Label Studio's token, against real local servers."""
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
 
 import pytest
+import requests
 
-from ls_backend.ls_client import LabelStudioClient, LabelStudioError
+from ls_backend.ls_client import LabelStudioClient, LabelStudioError, http_session
 from ls_backend.media import MediaError, MediaFetcher
 from ls_backend.netpolicy import AddressPolicy, AddressRefused, parse_origin
 from tests.conftest import PERSON_CONFIG, TOKEN
@@ -33,8 +36,8 @@ class FakeDNS:
 def servers():
     started: list[ScriptedServer] = []
 
-    def start(routes=None, host: str = "127.0.0.1", port: int = 0) -> ScriptedServer:
-        started.append(ScriptedServer(routes, host, port))
+    def start(routes=None, host: str = "127.0.0.1", port: int = 0, tls=None) -> ScriptedServer:
+        started.append(ScriptedServer(routes, host, port, tls))
         return started[-1]
 
     yield start
@@ -157,6 +160,22 @@ def test_rebinding_the_connection_goes_to_the_address_that_was_checked(tmp_path,
     # The next request is checked again and goes where that check pointed, not to the pooled connection.
     assert fetcher.fetch(f"http://rebind.test:{checked.port}/y.jpg").read_bytes() == b"rebound"
     assert checked.paths() == ["/x.jpg"] and later.paths() == ["/y.jpg"]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_https_goes_to_the_pinned_address_with_sni_host_and_certificate_check_on_the_name(tmp_path, servers):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=pinned.test",
+                    "-addext", "subjectAltName=DNS:pinned.test", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = servers({"/x.jpg": send(200, IMAGE)}, tls=(str(cert), str(key)))
+    dns = FakeDNS({"pinned.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
+    session = http_session(AddressPolicy(["pinned.test", "other.test"], dns))
+    assert session.get(f"https://pinned.test:{server.port}/x.jpg", verify=str(cert), timeout=10).content == IMAGE
+    assert server.hosts == [f"pinned.test:{server.port}"]
+    # Same address, another name: the certificate is checked against the name, not the address connected to.
+    with pytest.raises(requests.exceptions.SSLError, match="pinned.test|match"):
+        session.get(f"https://other.test:{server.port}/x.jpg", verify=str(cert), timeout=10)
 
 
 def test_policy_refuses_loopback_and_private_names_for_untrusted_hosts():
