@@ -22,6 +22,7 @@ from . import metrics, report
 from .backend import Backend, InvalidInput
 from .events import handle_event, remember_config
 from .jobs import autolabel_project, set_backend, set_queue, train_project
+from .ls_client import setup_connection
 from .queues import LocalQueue, RQQueue
 from .scheduler import Scheduler
 from .schemas import (BadBody, Event, PredictRequest, ProjectId, SetupRequest, TrainRequest, WebhookRequest,
@@ -79,7 +80,7 @@ def health(request: Request) -> dict:
 def setup(body: SetupRequest, request: Request) -> dict:
     backend = request.app.state.backend
     parse_label_config(body.config)
-    remember_config(backend, body.project, body.config, hostname=body.hostname, access_token=body.access_token)
+    remember_config(backend, body.project, body.config, **setup_connection(body.hostname, body.access_token))
     if request.app.state.webhook_auth is not None:
         request.app.state.webhook_auth.ensure(body.project, request.headers.get("host", ""))
     return {"model_version": backend.model_version(body.project)}

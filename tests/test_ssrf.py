@@ -258,8 +258,6 @@ def label_studio_and_evil(servers):
     return servers(routes), servers(dict(routes))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="app.py's /setup must store hostname and token as one pair: "
-                                       "remember_config(..., **setup_connection(body.hostname, body.access_token))")
 def test_setup_naming_a_new_hostname_without_token_does_not_inherit_the_token(make_client, label_studio_and_evil):
     ls, evil = label_studio_and_evil
     app = make_client()
