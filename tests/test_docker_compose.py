@@ -112,3 +112,10 @@ def test_dockerfile_runs_the_server_on_the_exposed_port(dockerfile: dict) -> Non
     exposed = {p.split("/")[0] for args in dockerfile["EXPOSE"] for p in args.split()}
     assert exposed == {dockerfile_env(dockerfile)["PORT"]}
     assert dockerfile_env(dockerfile)["HOST"] == "0.0.0.0"
+
+
+@pytest.mark.parametrize("name", ["BASIC_AUTH_USER", "BASIC_AUTH_PASS"])
+def test_backend_credentials_are_required_from_the_environment(compose: dict, name: str) -> None:
+    """The backend listens on 0.0.0.0 in its container: `docker compose up` must fail without the pair."""
+    value = environment(compose["services"]["backend"])[name]
+    assert re.fullmatch(r"\$\{" + name + r":?\?[^}]+\}", value), f"{name} should be ${{{name}:?message}}, not {value!r}"
