@@ -54,8 +54,10 @@ class Settings(BaseSettings):
     retrain_every: int = 5
     train_epochs: int = 0
     train_imgsz: int = 0
-    train_time_budget: float = 30.0
-    refine_time_budget: float = 300.0
+    train_time_budget: float = 45.0
+    refine_time_budget: float = 240.0
+    refine_rounds: int = 2
+    self_training: bool = True
     train_freeze: int = 0
     train_batch: int = 4
     accept_only_if_not_worse: bool = True

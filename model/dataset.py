@@ -35,6 +35,7 @@ class DatasetInfo:
     unknown_labels: set[str] = field(default_factory=set)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     box_sides: list[float] = field(default_factory=list)  # each labeled box's shorter side in image pixels
+    pseudo: list[int] = field(default_factory=list)  # unlabeled tasks trained on with the served model's boxes
 
 
 def yolo_rows(record: dict, control: RectangleLabelsControl, size: tuple[int, int]) -> tuple[list[str], list[str]]:
@@ -66,7 +67,7 @@ def build_dataset(records: list[dict], control: RectangleLabelsControl, fetch: C
     the one decoder, model.images, sees them and Label Studio shows them), so Ultralytics reads them the same way.
     """
     info = DatasetInfo(out_dir / "data.yaml", list(control.labels))
-    held = [r for r in records if is_held_out(r["task_id"])]
+    held = [r for r in records if is_held_out(r["task_id"]) and not r.get("pseudo")]  # judged on humans only
     if not held and len(records) >= 2:
         held = [min(records, key=lambda r: hashlib.sha1(str(r["task_id"]).encode()).hexdigest())]
     held_ids = {r["task_id"] for r in held}
@@ -94,14 +95,18 @@ def build_dataset(records: list[dict], control: RectangleLabelsControl, fetch: C
         info.unknown_labels.update(unknown)
         (out_dir / "labels" / split / f"{task_id}.txt").write_text("\n".join(rows) + ("\n" if rows else ""))
         getattr(info, split).append(task_id)
+        if record.get("pseudo"):
+            info.pseudo.append(task_id)
+            continue
         info.image_sizes.append(actual)
         info.box_sides.extend(min(float(w) * actual[0], float(h) * actual[1])
                               for w, h in (row.split()[3:5] for row in rows))
     if info.unknown_labels:
         log.warning("labels not in the config were left out: %s", sorted(info.unknown_labels))
-    if not info.val and len(info.train) >= 2:
+    if not info.val and len(info.train) - len(info.pseudo) >= 2:
         # Every run needs held-out data to be judged on; borrow the last training image when none is left.
-        moved = info.train.pop()
+        moved = [t for t in info.train if t not in info.pseudo][-1]
+        info.train.remove(moved)
         for sub in ("images", "labels"):
             for path in (out_dir / sub / "train").glob(f"{moved}.*"):
                 path.rename(out_dir / sub / "val" / path.name)

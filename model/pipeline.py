@@ -60,8 +60,13 @@ def _base_names(weights: Path) -> dict[int, str]:
 def run_training(store: ProjectStore, registry: ProjectRegistry, control: RectangleLabelsControl,
                  fetch: Callable[[dict], Path], base_weights: Path, params: TrainParams, min_annotations: int,
                  accept_only_if_not_worse: bool, keep_versions: int, progress: ProgressFn | None = None,
-                 refined: bool = False, default_conf: float = 0.25, refine_round: int = 0) -> RunOutcome:
-    """Train a new version from every stored annotation, warm-starting from the served one."""
+                 refined: bool = False, default_conf: float = 0.25, refine_round: int = 0,
+                 pseudo: list[dict] | None = None) -> RunOutcome:
+    """Train a new version from every stored annotation, warm-starting from the served one.
+
+    pseudo: unlabeled tasks with the served version's confident boxes as their result, trained on but never
+    held out, so every version is still judged on human labels only.
+    """
     started = time.time()
     annotation_files = list(store.annotations_dir.glob("*.json")) if store.annotations_dir.is_dir() else []
     upto = max((p.stat().st_mtime for p in annotation_files), default=0.0)
@@ -70,9 +75,10 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
         raise NotEnoughData(f"project {store.project} has {len(records)} annotated tasks; training starts at {min_annotations}")
     work = registry.root / "runs" / f"run-{int(started * 1000)}"
     try:
-        info = build_dataset(records, control, fetch, work / "dataset")
-        if len(info.train) < 1 or len(info.train) + len(info.val) < max(2, min(min_annotations, len(records))):
-            raise NotEnoughData(f"only {len(info.train) + len(info.val)} of {len(records)} tasks had usable images: {info.skipped}")
+        info = build_dataset(records + [{**p, "pseudo": True} for p in pseudo or []], control, fetch, work / "dataset")
+        labeled = len(info.train) - len(info.pseudo) + len(info.val)
+        if len(info.train) - len(info.pseudo) < 1 or labeled < max(2, min(min_annotations, len(records))):
+            raise NotEnoughData(f"only {labeled} of {len(records)} tasks had usable images: {info.skipped}")
         parent = registry.current()
         parent_ok = parent is not None and parent.weights.is_file()
         start_from = parent.weights if parent_ok else base_weights
@@ -103,7 +109,8 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
         meta = {
             "parent": parent.name if parent_ok else None,
             "base_weights": str(start_from),
-            "annotations": len(info.train) + len(info.val),
+            "annotations": labeled,
+            "pseudo_labeled": len(info.pseudo),
             "train_tasks": info.train,
             "val_tasks": info.val,
             "held_out_tasks": len(info.val),

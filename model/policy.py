@@ -109,3 +109,22 @@ class Thresholds:
         data = meta.get("thresholds") or {}
         default = data.get("default", meta.get("conf") or fallback)
         return cls(default, dict(data.get("per_label") or {}))
+
+
+# -- self-training ----------------------------------------------------------------------------------------------
+SELF_TRAINING_FROM_ROUND = 2  # refinement rounds from this one on also learn from pseudo-labeled unlabeled tasks
+PSEUDO_MIN_BOX_SCORE = 0.5  # every served box of a pseudo-labeled image must be at least this sure: a served box the
+#                             model is torn about would teach it its own doubt (boxes below the served thresholds are
+#                             background to it either way)
+PSEUDO_PER_LABELED = 3  # at most this many pseudo-labeled images per human-labeled one, so human labels keep weight
+PSEUDO_MAX_IMAGES = 100  # and never more than this many in one round (each costs a prediction and training time)
+
+
+def pseudo_label_quota(labeled: int) -> int:
+    return min(PSEUDO_MAX_IMAGES, PSEUDO_PER_LABELED * labeled)
+
+
+def usable_pseudo_label(prediction: dict) -> bool:
+    """A served prediction confident enough to train on: boxes to learn, and none the model was unsure about."""
+    scores = [region.get("score") or 0.0 for region in prediction.get("result") or []]
+    return bool(scores) and min(scores) >= PSEUDO_MIN_BOX_SCORE

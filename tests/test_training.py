@@ -277,17 +277,25 @@ def test_a_worse_version_is_kept_as_rejected_and_the_served_one_stays(backend_en
     assert rejected.meta["val_tasks"] == registry.get("v1").meta["val_tasks"]
 
 
-def test_a_served_quick_version_is_followed_by_one_refinement(make_client, media, bccd):
+def test_a_served_quick_version_is_followed_by_idle_refinement_rounds_until_one_stops_gaining(make_client, media, bccd):
+    from model.policy import REFINE_MIN_GAIN
+
     names, train, _ = bccd
     client = make_client(label_studio_url=media.url, label_studio_api_key=TOKEN, refine_time_budget=6,
-                         accept_only_if_not_worse="false")
+                         refine_rounds=3)
     send(client, dataset_events(media, train[:10], names, project=1))
-    assert client.app.state.queue.idle(timeout=300)
+    assert client.app.state.queue.idle(timeout=600)
     versions = client.app.state.backend.registry("1").versions()
-    assert [(v.name, v.meta["refined"]) for v in versions] == [("v1", False), ("v2", True)]
-    assert versions[1].meta["parent"] == "v1" and versions[1].meta["plan"]["time_budget"] == 6
+    assert [(v.meta["refined"], v.meta["refine_round"]) for v in versions] == [
+        (False, 0), *((True, n) for n in range(1, len(versions)))]
+    assert all(v.meta["plan"]["time_budget"] == 6 and v.meta["parent"] for v in versions[1:])
+    last = versions[-1].meta
+    # The rounds ended for a reason: the last one was worse, gained too little, or was the last allowed.
+    assert last["status"] == "rejected" or last["gain"] < REFINE_MIN_GAIN or last["refine_round"] == 3
+    # Every round that led to another was served and gained.
+    assert all(v.meta["status"] != "rejected" and v.meta["gain"] >= REFINE_MIN_GAIN for v in versions[1:-1])
     job = client.get("/status/1").json()["job"]
-    assert job["run"] == "refine" and job["version"] == "v2"
+    assert job["run"] == "refine" and job["version"] == versions[-1].name
     # Nothing new since: a further request finds nothing to learn instead of training again.
     assert client.app.state.scheduler.request("1") == "queued"
     assert client.app.state.queue.idle(timeout=60)
