@@ -6,6 +6,9 @@ import ipaddress
 import json
 import sys
 
+from pydantic_core import PydanticCustomError
+
+from .schemas import project_id
 from .settings import Settings, get_settings
 
 
@@ -54,19 +57,27 @@ def serve() -> int:
     return 0
 
 
+def project_arg(value: str) -> str:
+    """The same project ids as the routes take, so the CLI cannot name a folder outside MODEL_DIR."""
+    try:
+        return project_id(value)
+    except PydanticCustomError as exc:
+        raise argparse.ArgumentTypeError(exc.message()) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ls_backend", description="YOLO backend for Label Studio")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the HTTP server (the default)")
     versions = sub.add_parser("versions", help="list a project's model versions")
-    versions.add_argument("--project", required=True)
+    versions.add_argument("--project", required=True, type=project_arg)
     rollback = sub.add_parser("rollback", help="serve an earlier version of a project's model")
-    rollback.add_argument("--project", required=True)
+    rollback.add_argument("--project", required=True, type=project_arg)
     rollback.add_argument("--version", help="e.g. v3; default: the version before the current one")
     train = sub.add_parser("train", help="train a project now, in this process, from its stored annotations")
-    train.add_argument("--project", required=True)
+    train.add_argument("--project", required=True, type=project_arg)
     autolabel = sub.add_parser("autolabel", help="predict every unlabeled task with the served version and store it in Label Studio")
-    autolabel.add_argument("--project", required=True)
+    autolabel.add_argument("--project", required=True, type=project_arg)
     args = parser.parse_args(argv)
     if args.command in (None, "serve"):
         return serve()

@@ -19,7 +19,7 @@ from model.label_config import ConfigError, parse_label_config
 from model.weights import WeightsUnavailable
 
 from . import metrics, report
-from .backend import Backend, InvalidInput
+from .backend import Backend
 from .events import handle_event, remember_config
 from .jobs import autolabel_project, set_backend, set_queue, train_project
 from .ls_client import setup_connection
@@ -259,9 +259,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             message = f"the request body is larger than MAX_BODY_BYTES={settings.max_body_bytes} bytes"
         return error(exc.status_code, message, headers=exc.headers)
 
-    @app.exception_handler(InvalidInput)
     @app.exception_handler(ConfigError)
-    async def bad_request(_: Request, exc: ValueError):
+    async def unservable_config(_: Request, exc: ConfigError):
         return error(400, str(exc))
 
     @app.exception_handler(WeightsUnavailable)

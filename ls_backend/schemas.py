@@ -50,7 +50,7 @@ def parse_json(raw: bytes) -> Any:
 
 
 # -- scalars --------------------------------------------------------------------------------------------
-def _project_id(value: object) -> str:
+def project_id(value: object) -> str:
     """Digits only (ASCII: str.isdigit() also accepts '١٢'), canonical (no leading zeros), of a sane length."""
     if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**12:
         return str(value)
@@ -84,7 +84,7 @@ def _pattern(regex: re.Pattern, message: str):
     return AfterValidator(check)
 
 
-ProjectId = Annotated[str, BeforeValidator(_project_id)]
+ProjectId = Annotated[str, BeforeValidator(project_id)]
 ItemId = Annotated[int, Field(strict=True, ge=1, lt=2**63)]  # task and annotation ids: positive integers
 Text = Annotated[str, Field(strict=True)]
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]

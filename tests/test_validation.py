@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from ls_backend.__main__ import main as cli
 from ls_backend.settings import Settings
 from tests.conftest import PERSON_CONFIG, RECORDED, recorded
 
@@ -229,6 +230,13 @@ def test_path_project_ids_are_short_ascii_digits(client, project):
                          ("get", f"/versions?project={project}")]:
         refused(getattr(client, method)(path), "project", "ASCII digits")
     assert client.app.state.backend.projects() == []
+
+
+@pytest.mark.parametrize("project", ["١٢", "1" * 300, "../1"])
+def test_the_command_line_takes_the_same_project_ids(project, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli(["versions", "--project", project])
+    assert exited.value.code == 2 and "ASCII digits" in capsys.readouterr().err
 
 
 def test_project_ids_in_every_form_label_studio_uses(client):
