@@ -227,10 +227,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     set_queue(queue)
     scheduler = Scheduler(backend, queue)
     accepted = accepted_credentials(settings)
-    webhook_auth = None
-    if accepted and settings.label_studio_url and settings.label_studio_api_key:
-        webhook_auth = WebhookAuth(backend.client(), basic_auth_header(settings.basic_auth_user,
-                                                                       settings.basic_auth_pass))
+    client = backend.client() if accepted and settings.label_studio_api_key else None  # LABEL_STUDIO_URL's
+    webhook_auth = (WebhookAuth(client, basic_auth_header(settings.basic_auth_user, settings.basic_auth_pass))
+                    if client else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -245,7 +244,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.backend, app.state.queue, app.state.scheduler = backend, queue, scheduler
     app.state.webhook_auth = webhook_auth
     app.include_router(router)
-
     app.add_middleware(BasicAuthAndTiming, accepted=accepted)
 
     @app.exception_handler(RequestValidationError)

@@ -31,20 +31,21 @@ def _refuse_constant(name: str) -> None:
 
 def parse_json(raw: bytes) -> Any:
     """Strict JSON of bounded depth; json.loads alone accepts NaN and raises RecursionError on deep nesting."""
+    too_deep = BadBody(f"the body is not valid JSON: it nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         value = json.loads(raw, parse_constant=_refuse_constant)
     except RecursionError:
-        raise BadBody(f"the body is not valid JSON: it nests deeper than {MAX_JSON_DEPTH} levels") from None
+        raise too_deep from None
     except ValueError as exc:  # JSONDecodeError, bad UTF-8, NaN, integers of more than 4300 digits
         raise BadBody(f"the body is not valid JSON: {exc}") from None
-    stack = [(value, 1)]
+    stack = [(value, 1)]  # walked without recursion, so depth cannot crash the walk either
     while stack:
         item, depth = stack.pop()
         children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
         for child in children:
             if isinstance(child, (dict, list)):
                 if depth >= MAX_JSON_DEPTH:
-                    raise BadBody(f"the body is not valid JSON: it nests deeper than {MAX_JSON_DEPTH} levels")
+                    raise too_deep
                 stack.append((child, depth + 1))
     return value
 

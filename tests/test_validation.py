@@ -10,7 +10,7 @@ import pytest
 
 from ls_backend.__main__ import main as cli
 from ls_backend.settings import Settings
-from tests.conftest import PERSON_CONFIG, RECORDED, recorded
+from tests.conftest import RECORDED, recorded
 
 CONFIG = recorded("setup")["schema"]
 
