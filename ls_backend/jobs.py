@@ -12,7 +12,7 @@ from model.project_store import annotation_record
 from model.trainer import TrainParams
 
 from .backend import Backend
-from .job_status import write_status
+from .job_status import job_updater
 from .ls_client import LabelStudioError
 from .settings import get_settings
 
@@ -84,7 +84,7 @@ def next_run(backend: Backend, project: str, resync_requested: bool) -> tuple[st
     return None
 
 
-def train_project(project: str) -> dict:
+def train_project(project: str, job_id: str | None = None) -> dict:
     """Resync when needed, train a version, and record the outcome in the project's job state.
 
     A quick update is served first; when no newer annotations wait, a longer refinement of the same data follows.
@@ -92,7 +92,8 @@ def train_project(project: str) -> dict:
     backend = get_backend()
     s = backend.settings
     started = time.time()
-    write_status(s.model_dir, project, state="running", started=started, progress=None, error=None, reason=None)
+    status = job_updater(s.model_dir, project, "train", job_id)
+    status(state="running", started=started, progress=None, error=None, reason=None)
     try:
         flag = resync_flag(backend, project)
         resync_requested = flag.exists()
@@ -113,21 +114,21 @@ def train_project(project: str) -> dict:
         params = TrainParams(s.train_epochs, s.train_imgsz, budget, s.train_freeze, s.train_batch, s.device)
 
         def progress(epoch: int, epochs: int) -> None:
-            write_status(s.model_dir, project, progress={"epoch": epoch, "epochs": epochs, "run": kind})
+            status(progress={"epoch": epoch, "epochs": epochs, "run": kind})
 
         outcome = run_training(store, backend.registry(project), control,
                                lambda record: fetcher.fetch(record["data"].get(control.value_key)),
                                backend.train_base_weights(), params, s.min_annotations, s.accept_only_if_not_worse,
                                s.keep_versions, progress, refined=kind != "update", default_conf=s.predict_conf)
     except (NotEnoughData, ConfigError) as exc:
-        write_status(s.model_dir, project, state="skipped", reason=str(exc), finished=time.time())
+        status(state="skipped", reason=str(exc), finished=time.time())
         return {"state": "skipped", "reason": str(exc)}
     except Exception as exc:
-        write_status(s.model_dir, project, state="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
+        status(state="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         raise
     result = {"state": "finished", "run": kind, "version": outcome.version.name, "accepted": outcome.accepted,
               "reason": outcome.reason, "metrics": outcome.metrics, "seconds": round(time.time() - started, 1)}
-    write_status(s.model_dir, project, **result, finished=time.time())
+    status(**result, finished=time.time())
     follow_up = []  # auto-labeling first: annotators get the new predictions before a refinement starts
     if outcome.accepted and s.autolabel_after_train and backend.client(project) is not None:
         follow_up.append("autolabel")
@@ -150,7 +151,7 @@ def _predicted_by(task: dict, version: str) -> bool:
     return any(p.get("model_version") == version for p in task.get("predictions") or [])
 
 
-def autolabel_project(project: str, progress_bar: bool = False) -> dict:
+def autolabel_project(project: str, progress_bar: bool = False, job_id: str | None = None) -> dict:
     """Predict every unlabeled task lacking a prediction of the served version and store it in Label Studio.
 
     Safe to interrupt: a rerun skips what already holds this version's prediction. Stops when a newer version
@@ -161,9 +162,10 @@ def autolabel_project(project: str, progress_bar: bool = False) -> dict:
     backend = get_backend()
     s = backend.settings
     version = backend.registry(project).current_name()
+    status = job_updater(s.model_dir, project, "autolabel", job_id)
     if version is None:
-        return write_status(s.model_dir, project, "autolabel", state="skipped", reason="no trained version yet")
-    write_status(s.model_dir, project, "autolabel", state="running", version=version, done=0, total=None,
+        return status(state="skipped", reason="no trained version yet")
+    status(state="running", version=version, done=0, total=None,
                  started=time.time(), error=None, reason=None)
     try:
         client = backend.client(project)
@@ -187,14 +189,12 @@ def autolabel_project(project: str, progress_bar: bool = False) -> dict:
                     client.create_prediction(task["id"], item["result"], item["score"], version)
                     done += 1
                 bar.update(len(batch))
-                write_status(s.model_dir, project, "autolabel", done=done, failed=failed, total=len(todo))
+                status(done=done, failed=failed, total=len(todo))
     except Exception as exc:
-        write_status(s.model_dir, project, "autolabel", state="failed", error=f"{type(exc).__name__}: {exc}",
-                     finished=time.time())
+        status(state="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         raise
     reason = f"{backend.registry(project).current_name()} replaced {version}" if state == "superseded" else None
-    return write_status(s.model_dir, project, "autolabel", state=state, reason=reason, done=done, failed=failed,
-                        total=len(todo), finished=time.time())
+    return status(state=state, reason=reason, done=done, failed=failed, total=len(todo), finished=time.time())
 
 
 _queue = None
@@ -230,8 +230,7 @@ def _run_rq(kind: str, project: str, run) -> dict:
         redis.delete(key)
     release = hold_lock(redis, kind, project)
     try:
-        write_status(get_settings().model_dir, project, kind, job_id=job.id, queue="rq")
-        return run(project)
+        return run(project, job_id=job.id)
     finally:
         release()
 
@@ -246,3 +245,6 @@ def run_queued_autolabel(project: str) -> dict:
     return _run_rq("autolabel", project, autolabel_project)
 
 
+def on_rq_failure(job, connection, exc_type, exc_value, traceback) -> None:
+    """RQ gave up on a job: one whose state still says running died with its worker, and is resumed."""
+    get_queue().lost(job.args[0], job.id, f"the worker running it was lost (RQ: {exc_type.__name__})")

@@ -1,33 +1,47 @@
 """Where jobs wait: RQ over Redis when REDIS_URL is set, a thread in the server otherwise.
 
 Both keep at most one job of a kind running and one waiting per project; a request while one waits is folded
-into it, because a job reads the project's state when it starts, not when it is queued.
+into it, because a job reads the project's state when it starts, not when it is queued. A job that died with its
+process (a server restart, a killed worker) is marked interrupted and queued again.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-import uuid
 from collections import deque
+from pathlib import Path
 from typing import Callable, Protocol
 
-from .job_status import read_status, write_status
+from .job_status import create_job, job_view, list_jobs, new_job_id, read_job, remove_job, update_job
 
 log = logging.getLogger(__name__)
 
 JOB_FUNCTIONS = {"train": "ls_backend.jobs.run_queued", "autolabel": "ls_backend.jobs.run_queued_autolabel"}
+ON_FAILURE = "ls_backend.jobs.on_rq_failure"
 WAITING = "lsyolo:waiting:{kind}:{project}"
 LOCK = "lsyolo:lock:{kind}:{project}"
-LOCK_TTL = 90  # seconds; a killed worker's lock expires, a live one refreshes it
+LOCK_TTL = 30  # seconds; a killed worker's lock expires, a live one refreshes it
+MAX_ATTEMPTS = 3  # a job interrupted this often (say, killed for memory every time) is not queued again
 
 
 class JobQueue(Protocol):
     kind: str
+    model_dir: Path
 
-    def schedule(self, project: str, kind: str = "train") -> str: ...
+    def schedule(self, project: str, kind: str = "train", **fields) -> str: ...
 
     def status(self, project: str, kind: str = "train") -> dict: ...
+
+
+def resume(queue: JobQueue, job: dict, why: str) -> None:
+    """Mark a job that died with its process as interrupted and queue it again, unless that happened too often."""
+    attempt = job.get("attempt", 1)
+    again = attempt < MAX_ATTEMPTS
+    update_job(queue.model_dir, job["project"], job["job_id"], state="interrupted", finished=time.time(),
+               error=f"{why}; " + ("queued again" if again else f"not queued again after {attempt} interruptions"))
+    if again:
+        queue.schedule(job["project"], job["kind"], resumes=job["job_id"], attempt=attempt + 1)
 
 
 class LocalQueue:
@@ -35,31 +49,45 @@ class LocalQueue:
 
     kind = "in-process"
 
-    def __init__(self, model_dir, runners: dict[str, Callable[[str], object]]):
-        self.model_dir = model_dir
-        self.runners = runners
-        self._waiting: deque[tuple[str, str]] = deque()
-        self._running: tuple[str, str] | None = None
+    def __init__(self, model_dir, runners: dict[str, Callable[..., object]]):
+        self.model_dir = Path(model_dir)
+        self.runners = runners  # kind -> function(project, job_id=...)
+        self._waiting: deque[tuple[str, str, str]] = deque()  # kind, project, job id
+        self._running: tuple[str, str, str] | None = None
         self._cond = threading.Condition()
+        self._recover()
         threading.Thread(target=self._loop, name="job-worker", daemon=True).start()
 
-    def schedule(self, project: str, kind: str = "train") -> str:
+    def schedule(self, project: str, kind: str = "train", **fields) -> str:
         with self._cond:
-            if (kind, project) in self._waiting:
+            if any((k, p) == (kind, project) for k, p, _ in self._waiting):
                 return "folded"
-            self._waiting.append((kind, project))
-            write_status(self.model_dir, project, kind, state="queued", queued=time.time(), queue=self.kind)
+            job_id = new_job_id(kind, project)
+            create_job(self.model_dir, project, kind, job_id, self.kind, **fields)
+            self._waiting.append((kind, project, job_id))
             self._cond.notify()
             return "queued"
+
+    def _recover(self) -> None:
+        """Take over what an earlier server process left: its waiting jobs wait again, and the job it was running
+        died with it, so that one is marked interrupted and queued again."""
+        root = self.model_dir
+        projects = sorted(p.name for p in root.iterdir() if (p / "jobs").is_dir()) if root.is_dir() else []
+        left = [j for p in projects for j in list_jobs(root, p)
+                if j.get("queue") == self.kind and j.get("state") in ("queued", "running")]
+        self._waiting.extend((j["kind"], j["project"], j["job_id"]) for j in left if j["state"] == "queued")
+        for job in left:
+            if job["state"] == "running":
+                resume(self, job, "the server stopped while it ran")
 
     def _loop(self) -> None:
         while True:
             with self._cond:
                 while not self._waiting:
                     self._cond.wait()
-                kind, project = self._running = self._waiting.popleft()
+                kind, project, job_id = self._running = self._waiting.popleft()
             try:
-                self.runners[kind](project)
+                self.runners[kind](project, job_id=job_id)
             except Exception:
                 log.exception("project %s: %s job failed", project, kind)
             finally:
@@ -77,7 +105,7 @@ class LocalQueue:
         return True
 
     def status(self, project: str, kind: str = "train") -> dict:
-        return read_status(self.model_dir, project, kind)
+        return job_view(self.model_dir, project, kind)
 
 
 class RQQueue:
@@ -89,7 +117,7 @@ class RQQueue:
         from redis import Redis
         from rq import Queue
 
-        self.model_dir = model_dir
+        self.model_dir = Path(model_dir)
         self.redis = Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self.queue = Queue(queue_name, connection=self.redis)
         self.job_timeout = job_timeout
@@ -103,8 +131,9 @@ class RQQueue:
         except NoSuchJobError:
             return None
 
-    def schedule(self, project: str, kind: str = "train") -> str:
+    def schedule(self, project: str, kind: str = "train", **fields) -> str:
         """Enqueue a job unless one is already waiting for the project (raises if Redis is down)."""
+        from rq import Callback
         from rq.job import JobStatus
 
         key = WAITING.format(kind=kind, project=project)
@@ -112,26 +141,42 @@ class RQQueue:
             waiting = self.redis.get(key)
             if waiting and self._job_status(waiting.decode()) in (JobStatus.QUEUED, JobStatus.DEFERRED):
                 return "folded"
-            job = self.queue.enqueue(JOB_FUNCTIONS[kind], project, job_timeout=self.job_timeout,
-                                     job_id=f"{kind}-{project}-{uuid.uuid4().hex[:8]}", result_ttl=86400,
-                                     failure_ttl=7 * 86400)
-            self.redis.set(key, job.id, ex=self.job_timeout * 4)
-        write_status(self.model_dir, project, kind, state="queued", queued=time.time(), queue=self.kind, job_id=job.id)
+            job_id = new_job_id(kind, project)
+            create_job(self.model_dir, project, kind, job_id, self.kind, **fields)  # before a worker can start it
+            try:
+                self.queue.enqueue(JOB_FUNCTIONS[kind], project, job_timeout=self.job_timeout, job_id=job_id,
+                                   result_ttl=86400, failure_ttl=7 * 86400, on_failure=Callback(ON_FAILURE))
+                self.redis.set(key, job_id, ex=self.job_timeout * 4)
+            except Exception:
+                remove_job(self.model_dir, project, job_id)
+                raise
         return "queued"
 
+    def lost(self, project: str, job_id: str, why: str) -> None:
+        """RQ gave up on a job: if its state still says running, its worker died, and it is resumed.
+
+        The resumed job waits for the project's lock, so a work-horse that outlived its worker finishes first."""
+        job = read_job(self.model_dir, project, job_id)
+        if job.get("state") == "running":  # otherwise it ended and said so (a failure it recorded, a finished run)
+            resume(self, job, why)
+
     def status(self, project: str, kind: str = "train") -> dict:
-        """The job state in MODEL_DIR, corrected by RQ when a worker died without writing it."""
+        """The jobs' state in MODEL_DIR, after resuming a running one whose worker RQ lost without it saying so."""
         from rq.job import JobStatus
 
-        status = read_status(self.model_dir, project, kind)
-        if status.get("state") == "running" and status.get("job_id"):
+        for job in list_jobs(self.model_dir, project, kind):
+            if job.get("state") != "running" or job.get("queue") != self.kind:
+                continue
             try:
-                rq_state = self._job_status(status["job_id"])
-            except Exception:  # Redis down: report what the file says
-                return status
-            if rq_state in (None, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
-                status = {**status, "state": "failed", "error": status.get("error") or f"worker lost the job (RQ: {rq_state})"}
-        return status
+                rq_state = self._job_status(job["job_id"])
+            except Exception:  # Redis down: report what the files say
+                break
+            if rq_state in (JobStatus.STOPPED, JobStatus.CANCELED):
+                update_job(self.model_dir, project, job["job_id"], state="failed", error=f"RQ: {rq_state}",
+                           finished=time.time())
+            elif rq_state in (None, JobStatus.FAILED):
+                self.lost(project, job["job_id"], f"the worker running it was lost (RQ: {rq_state or 'no such job'})")
+        return job_view(self.model_dir, project, kind)
 
 
 def hold_lock(redis, kind: str, project: str) -> Callable[[], None]:

@@ -65,6 +65,27 @@ def plot_png(rows: list[dict]) -> bytes:
     return out.getvalue()
 
 
+def job_text(job: dict) -> str:
+    """A job view (job_status.job_view) in words: its state and progress, the job waiting behind it, and an
+    interruption it resumes."""
+    if not job:
+        return "none yet"
+    state, progress = job.get("state"), job.get("progress") or {}
+    text = str(state)
+    if state == "running" and progress.get("epochs"):
+        text += f" ({progress.get('run', 'training')}, epoch {progress.get('epoch')} of {progress['epochs']})"
+    if job.get("total") is not None:
+        text += f" ({job.get('done')} of {job['total']} tasks)"
+    if job.get("error") or job.get("reason"):
+        text += f": {job.get('error') or job.get('reason')}"
+    if job.get("waiting"):
+        text += "; another job is waiting"
+    previous = job.get("previous") or {}
+    if previous.get("state") == "interrupted":
+        text += f". The job before was interrupted: {previous.get('error')}"
+    return text
+
+
 def page_html(project: str, model_version: str, rows: list[dict], job: dict, autolabel: dict) -> str:
     """A small status page: what is served, how it was judged, how much humans had to fix."""
     def cell(value) -> str:
@@ -78,8 +99,7 @@ def page_html(project: str, model_version: str, rows: list[dict], job: dict, aut
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Project {html.escape(project)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em .8em;border-bottom:1px solid #ddd}}</style></head>
 <body><h1>Project {html.escape(project)}</h1><p>Serving <b>{html.escape(model_version)}</b>.
-Training: {cell(job.get('state'))}. Auto-labeling: {cell(autolabel.get('state'))}
-({cell(autolabel.get('done'))} of {cell(autolabel.get('total'))} tasks).</p>
+Training: {html.escape(job_text(job))}.<br>Auto-labeling: {html.escape(job_text(autolabel))}.</p>
 <table><tr><th>version</th><th>status</th><th>annotations</th><th>held-out mAP50</th><th>corrected boxes</th>
 <th>acceptance rate</th><th>boxes touched per box</th></tr>{body}</table>
 <p><img src="plot.png" alt="figures over versions"></p></body></html>"""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import pytest
 from model.yolo_import import class_names, label_config, read_dataset
 from tests.annotations import annotation_event, dataset_events, export_tasks
 from tests.conftest import REDIS_TEST_URL, REPO, TOKEN, recorded, shared_file
+from tests.test_job_state import kill_worker
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +221,7 @@ def test_killed_worker_leaves_served_model_untouched(make_client, backend_env, m
         wait_for(lambda: (client.get("/status/1").json()["job"].get("progress") or {}).get("epoch", 0) >= 1, 240,
                  "training to make progress")
     finally:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(10)
+        kill_worker(worker)
     registry = client.app.state.backend.registry("1")
     assert registry.current_name() is None and registry.versions() == []
     assert client.post("/setup", json={**recorded("setup"), "schema": label_config(names)}).json()["model_version"] \
@@ -232,8 +231,9 @@ def test_killed_worker_leaves_served_model_untouched(make_client, backend_env, m
 
     # What any RQ worker does on its periodic maintenance once the dead worker's heartbeat has expired.
     StartedJobRegistry(queue=Queue("ls-yolo-train", connection=redis_db)).cleanup(time.time() + 3600)
-    job = client.get("/status/1").json()["job"]
-    assert job["state"] == "failed" and "worker" in job["error"]
+    job = client.get("/status/1").json()["job"]  # interrupted, and queued again for the next worker
+    assert job["state"] == "queued" and job["resumes"] == job["previous"]["job_id"]
+    assert job["previous"]["state"] == "interrupted" and "worker" in job["previous"]["error"]
 
 
 def test_a_worse_version_is_kept_as_rejected_and_the_served_one_stays(backend_env, tmp_path, bccd, backbone_weights):
