@@ -8,6 +8,7 @@ from pathlib import Path
 
 from model.label_config import ConfigError, parse_label_config
 from model.pipeline import NotEnoughData, run_training, trained_upto
+from model.policy import REFINE_MIN_GAIN, SELF_TRAINING_FROM_ROUND, pseudo_label_quota, usable_pseudo_label
 from model.project_store import annotation_record
 from model.trainer import TrainParams
 
@@ -69,18 +70,29 @@ def resync(backend: Backend, project: str) -> int:
     return len(records)
 
 
-def next_run(backend: Backend, project: str, resync_requested: bool) -> tuple[str, float] | None:
-    """What kind of run is worth doing now: an update for new annotations, else a longer refinement, else none."""
+def next_run(backend: Backend, project: str, resync_requested: bool) -> tuple[str, float, int] | None:
+    """What run is worth doing now: an update for new annotations, else idle refinement rounds, else none.
+
+    Refinement rounds go on while nobody labels, each judged by the not-worse gate, until REFINE_ROUNDS are done
+    or a round is rejected or gains less than REFINE_MIN_GAIN over the version it continued.
+    """
     s = backend.settings
     registry = backend.registry(project)
     _, changed = backend.store(project).counts(since=trained_upto(registry))
     current = registry.current()
     if resync_requested:
-        return "full", s.refine_time_budget or s.train_time_budget
+        return "full", s.refine_time_budget or s.train_time_budget, 1
     if changed or current is None:
-        return "update", s.train_time_budget
-    if s.refine_time_budget > 0 and not current.meta.get("refined"):
-        return "refine", s.refine_time_budget
+        return "update", s.train_time_budget, 0
+    if s.refine_time_budget <= 0:
+        return None
+    newest = registry.versions()[-1]
+    done = newest.meta.get("refine_round") or int(bool(newest.meta.get("refined")))
+    if done == 0:
+        return "refine", s.refine_time_budget, 1
+    stopped = newest.meta.get("status") == "rejected" or (newest.meta.get("gain") or 0.0) < REFINE_MIN_GAIN
+    if done < s.refine_rounds and not stopped:
+        return "refine", s.refine_time_budget, done + 1
     return None
 
 
@@ -107,7 +119,7 @@ def train_project(project: str, job_id: str | None = None) -> dict:
         run = next_run(backend, project, resync_requested)
         if run is None:
             raise NotEnoughData("nothing new to learn: no annotation changed since the served version")
-        kind, budget = run
+        kind, budget, refine_round = run
         store = backend.store(project)
         control = parse_label_config(store.info().get("label_config", ""))
         fetcher = backend.fetcher(project)
@@ -116,10 +128,12 @@ def train_project(project: str, job_id: str | None = None) -> dict:
         def progress(epoch: int, epochs: int) -> None:
             status(progress={"epoch": epoch, "epochs": epochs, "run": kind})
 
+        pseudo = pseudo_labels(backend, project, control) if kind == "refine" and refine_round >= SELF_TRAINING_FROM_ROUND else []
         outcome = run_training(store, backend.registry(project), control,
                                lambda record: fetcher.fetch(record["data"].get(control.value_key)),
                                backend.train_base_weights(), params, s.min_annotations, s.accept_only_if_not_worse,
-                               s.keep_versions, progress, refined=kind != "update", default_conf=s.predict_conf)
+                               s.keep_versions, progress, refined=kind != "update", default_conf=s.predict_conf,
+                               refine_round=refine_round, pseudo=pseudo)
     except (NotEnoughData, ConfigError) as exc:
         status(state="skipped", reason=str(exc), finished=time.time())
         return {"state": "skipped", "reason": str(exc)}
@@ -132,14 +146,56 @@ def train_project(project: str, job_id: str | None = None) -> dict:
     follow_up = []  # auto-labeling first: annotators get the new predictions before a refinement starts
     if outcome.accepted and s.autolabel_after_train and backend.client(project) is not None:
         follow_up.append("autolabel")
-    if outcome.accepted and kind == "update" and s.refine_time_budget > 0:
-        follow_up.append("train")
+    if outcome.accepted and next_run(backend, project, False) is not None:
+        follow_up.append("train")  # an idle refinement round, or an update for annotations that came meanwhile
     for job in follow_up:
         try:
             get_queue().schedule(project, job)
         except Exception as exc:  # the version is served either way; both can be asked for again
             log.error("project %s: could not queue %s: %s", project, job, exc)
     return result
+
+
+def pseudo_labels(backend: Backend, project: str, control) -> list[dict]:
+    """Unlabeled tasks the served version labels confidently, as records to train on (self-training).
+
+    The served version's own prediction is reused where auto-labeling already stored it in Label Studio;
+    otherwise the task is predicted here. Any failure only means a round without pseudo-labels.
+    """
+    s = backend.settings
+    registry = backend.registry(project)
+    version = registry.current_name()
+    client = backend.client(project)
+    if not s.self_training or version is None or client is None:
+        return []
+    quota = pseudo_label_quota(backend.store(project).counts(0)[0])
+    chosen: list[dict] = []
+    try:
+        todo = []
+        for task in client.iter_tasks(project):
+            if _labeled(task) or len(chosen) + len(todo) >= quota * 2:
+                continue
+            stored = [p for p in task.get("predictions") or [] if p.get("model_version") == version]
+            if stored:
+                if usable_pseudo_label(stored[-1]) and len(chosen) < quota:
+                    chosen.append({"task_id": int(task["id"]), "data": task.get("data") or {},
+                                   "result": stored[-1]["result"]})
+            else:
+                todo.append(task)
+        for start in range(0, len(todo), max(1, s.predict_batch)):
+            if len(chosen) >= quota:
+                break
+            batch = todo[start:start + s.predict_batch]
+            used, results, broken = backend.predictions.predict_tasks(project, control, batch)
+            if used != version:
+                break
+            chosen.extend({"task_id": int(task["id"]), "data": task.get("data") or {}, "result": item["result"]}
+                          for i, (task, item) in enumerate(zip(batch, results))
+                          if i not in broken and usable_pseudo_label(item))
+    except (LabelStudioError, OSError) as exc:
+        log.warning("project %s: refining without pseudo-labels: %s", project, exc)
+    log.info("project %s: %d unlabeled tasks pseudo-labeled by %s for self-training", project, len(chosen[:quota]), version)
+    return chosen[:quota]
 
 
 def _labeled(task: dict) -> bool:
