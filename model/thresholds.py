@@ -22,14 +22,17 @@ def held_out_predictions(weights: Path, data_yaml: Path, imgsz: int, device: str
     import yaml
     from ultralytics import YOLO
 
+    from .images import read_image
+
     root = data_yaml.parent
     names = yaml.safe_load(data_yaml.read_text())["names"]
     model = YOLO(str(weights), task="detect")
     found = []
     for path in sorted((root / "images" / "val").iterdir()):
         kwargs = {"imgsz": imgsz, "conf": THRESHOLDS[0], "verbose": False, **({"device": device} if device else {})}
-        result = model.predict(str(path), **kwargs)[0]
-        height, width = result.orig_shape
+        image = read_image(path)  # the decoder prediction uses, so a version is judged on what it will be shown
+        result = model.predict(image, **kwargs)[0]
+        height, width = image.shape[:2]
         predicted = [Box(model.names[int(c)], x1, y1, x2, y2, s)
                      for x1, y1, x2, y2, s, c in result.boxes.data.cpu().numpy().tolist()]
         truth = []

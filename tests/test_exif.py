@@ -87,6 +87,7 @@ def test_training_and_evaluation_read_rotated_photos_upright_with_matching_label
 
     from model.dataset import build_dataset, is_held_out
     from model.label_config import parse_label_config
+    from model.thresholds import held_out_predictions
     from model.validator import evaluate
 
     control = parse_label_config(CONFIG)
@@ -121,3 +122,6 @@ def test_training_and_evaluation_read_rotated_photos_upright_with_matching_label
         assert np.allclose(label["bboxes"], expected, atol=1e-5)
     scores = [evaluate(person_weights, d / "dataset" / "data.yaml", 320, d, images=2) for d in (rotated_dir, upright_dir)]
     assert scores[0] == scores[1] and scores[0].map50 > 0.5
+    # the threshold search sees the same boxes, and ground truth laid on the same upright image
+    searched = [held_out_predictions(person_weights, d / "dataset" / "data.yaml", 320) for d in (rotated_dir, upright_dir)]
+    assert searched[0] == searched[1] and all(len(image.truth) == 3 and image.predicted for image in searched[0])
