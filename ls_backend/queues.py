@@ -13,7 +13,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Protocol
 
-from .job_status import create_job, job_view, list_jobs, new_job_id, read_job, remove_job, update_job
+from .job_status import create_job, job_view, jobs_dir, list_jobs, new_job_id, read_job, remove_job, update_job
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class LocalQueue:
         """Take over what an earlier server process left: its waiting jobs wait again, and the job it was running
         died with it, so that one is marked interrupted and queued again."""
         root = self.model_dir
-        projects = sorted(p.name for p in root.iterdir() if (p / "jobs").is_dir()) if root.is_dir() else []
+        projects = sorted(p.name for p in root.iterdir() if jobs_dir(root, p.name).is_dir()) if root.is_dir() else []
         left = [j for p in projects for j in list_jobs(root, p)
                 if j.get("queue") == self.kind and j.get("state") in ("queued", "running")]
         self._waiting.extend((j["kind"], j["project"], j["job_id"]) for j in left if j["state"] == "queued")
