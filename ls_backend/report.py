@@ -26,13 +26,31 @@ def version_rows(backend: Backend, project: str) -> list[dict]:
     rows = []
     for version in backend.registry(project).versions():
         effort = efforts.pop(version.name, None)
-        rows.append({"version": version.name, "status": version.meta.get("status"),
-                     "annotations": version.meta.get("annotations"),
-                     "map50": version.meta.get("metrics", {}).get("map50"),
-                     "effort": effort.as_dict() if effort else None})
+        meta = version.meta
+        rows.append({"version": version.name, "status": meta.get("status"), "annotations": meta.get("annotations"),
+                     "held_out": meta.get("held_out_tasks", len(meta.get("val_tasks") or [])) or None,
+                     "pseudo": meta.get("pseudo_labeled"), "map50": meta.get("metrics", {}).get("map50"),
+                     "serving": serving_note(meta), "effort": effort.as_dict() if effort else None})
     for name, effort in sorted(efforts.items()):  # base model predictions, before any training
-        rows.insert(0, {"version": name, "status": "base", "annotations": 0, "map50": None, "effort": effort.as_dict()})
+        rows.insert(0, {"version": name, "status": "base", "annotations": 0, "held_out": None, "pseudo": None,
+                        "map50": None, "serving": None, "effort": effort.as_dict()})
     return rows
+
+
+def serving_note(meta: dict) -> str | None:
+    """Which boxes a version serves, and the held-out evidence for holding any back."""
+    evidence = meta.get("threshold_evidence")
+    if not evidence:
+        return None
+    withheld = evidence.get("withheld_labels") or []
+    labels = meta.get("labels") or []
+    basis = (f"on {evidence['images']} held-out tasks, served boxes would leave {evidence['touched']} to touch "
+             f"against {evidence['touched_if_none_served']} to draw with none")
+    if labels and len(withheld) == len(labels):
+        return f"none: {basis}, so no box is served until a version pays"
+    if withheld:
+        return f"all but {', '.join(withheld)}: {basis}"
+    return f"all labels: {basis}"
 
 
 def plot_png(rows: list[dict]) -> bytes:
@@ -93,13 +111,14 @@ def page_html(project: str, model_version: str, rows: list[dict], job: dict, aut
 
     body = "".join(
         "<tr>" + "".join(f"<td>{cell(v)}</td>" for v in (
-            r["version"], r["status"], r["annotations"], r["map50"],
+            r["version"], r["status"], r["annotations"], r["pseudo"], r["held_out"], r["map50"], r["serving"],
             r["effort"]["final"] if r["effort"] else None, r["effort"]["acceptance"] if r["effort"] else None,
             r["effort"]["touched_per_box"] if r["effort"] else None)) + "</tr>" for r in rows)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Project {html.escape(project)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em .8em;border-bottom:1px solid #ddd}}</style></head>
 <body><h1>Project {html.escape(project)}</h1><p>Serving <b>{html.escape(model_version)}</b>.
 Training: {html.escape(job_text(job))}.<br>Auto-labeling: {html.escape(job_text(autolabel))}.</p>
-<table><tr><th>version</th><th>status</th><th>annotations</th><th>held-out mAP50</th><th>corrected boxes</th>
+<table><tr><th>version</th><th>status</th><th>annotations</th><th>pseudo-labeled</th><th>held-out tasks</th>
+<th>held-out mAP50</th><th>boxes served</th><th>corrected boxes</th>
 <th>acceptance rate</th><th>boxes touched per box</th></tr>{body}</table>
 <p><img src="plot.png" alt="figures over versions"></p></body></html>"""

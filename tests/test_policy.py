@@ -188,3 +188,17 @@ def bccd_dataset(tmp_path_factory) -> Path:
     (out / "data.yaml").write_text(yaml.safe_dump({"path": str(out), "train": "images/train", "val": "images/val",
                                                    "names": dict(enumerate(names))}))
     return out / "data.yaml"
+
+
+def test_the_status_page_says_when_boxes_are_held_back_and_on_how_many_tasks(make_client, person_weights):
+    client = make_client()
+    registry = client.app.state.backend.registry("1")
+    evidence = {"images": 2, "boxes": 30, "touched": 41, "touched_if_none_served": 30, "withheld_labels": ["cat", "dog"]}
+    registry.add(person_weights, {"labels": ["cat", "dog"], "annotations": 10, "held_out_tasks": 2,
+                                  "metrics": {"map50": 0.1}, "threshold_evidence": evidence,
+                                  "thresholds": {"default": NEVER, "per_label": {}}}, make_current=True)
+    page = client.get("/projects/1/").text
+    assert "none: on 2 held-out tasks, served boxes would leave 41 to touch against 30 to draw" in page
+    assert "<td>2</td>" in page  # the held-out tasks the figures rest on
+    [version] = client.get("/versions?project=1").json()["details"]
+    assert version["held_out_tasks"] == 2 and version["threshold_evidence"]["images"] == 2
