@@ -12,27 +12,9 @@ import time
 from tests.annotations import dataset_events
 from tests.conftest import REDIS_TEST_URL, REPO, TOKEN, shared_file
 from tests.test_exif import CONFIG, NAMES
+from tests.test_training import kill_worker, wait_for
 
 WAIT = 300
-
-
-def wait_for(predicate, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def kill_worker(worker: subprocess.Popen) -> None:
-    """SIGKILL an RQ worker and its work-horse (which RQ puts in a process group of its own), as a dying machine would."""
-    import psutil
-
-    for process in [*psutil.Process(worker.pid).children(recursive=True), psutil.Process(worker.pid)]:
-        process.kill()
-    worker.wait(30)
 
 
 def unlabeled_tasks(media, assets, n: int) -> list[dict]:
@@ -106,7 +88,7 @@ def test_a_refinement_killed_with_its_server_runs_after_the_restart(backend_env,
                               start_new_session=True, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         assert server.stdout.readline().strip() == "queued", (tmp_path / "server.log").read_text()[-2000:]
-        wait_for(lambda: (job_view(model_dir, "1").get("progress") or {}).get("epoch", 0) >= 1, "refinement to run")
+        wait_for(lambda: (job_view(model_dir, "1").get("progress") or {}).get("epoch", 0) >= 1, WAIT, "refinement to run")
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait(30)

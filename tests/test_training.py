@@ -12,7 +12,6 @@ import pytest
 from model.yolo_import import class_names, label_config, read_dataset
 from tests.annotations import annotation_event, dataset_events, export_tasks
 from tests.conftest import REDIS_TEST_URL, REPO, TOKEN, recorded, shared_file
-from tests.test_job_state import kill_worker
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +137,15 @@ def test_start_training_resyncs_everything_from_label_studio(make_client, media,
 
 def worker_env(env: dict) -> dict:
     return {**os.environ, **env, "PYTHONPATH": str(REPO)}
+
+
+def kill_worker(worker: subprocess.Popen) -> None:
+    """SIGKILL an RQ worker and its work-horse (which RQ puts in a process group of its own), as a dying machine would."""
+    import psutil
+
+    for process in [*psutil.Process(worker.pid).children(recursive=True), psutil.Process(worker.pid)]:
+        process.kill()
+    worker.wait(30)
 
 
 def run_burst_worker(env: dict) -> subprocess.CompletedProcess:
