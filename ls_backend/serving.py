@@ -2,7 +2,7 @@
 
 Each served model is loaded once per process and used under its own lock (model.predictor.LoadedModel): Ultralytics
 predictors keep per-call state and are not thread-safe. A lock rather than one model per thread, as measured on 2
-CPU cores (two threads, 8 bus.jpg predictions each at 640 px, three runs): sharing one locked model took 3.0-4.4 s
+CPU cores (two threads, 8 bus.jpg predictions each at 640 px, three runs): sharing one locked model took 3.0-5.1 s
 and peaked at 962-967 MiB, a copy per thread 4.4-6.8 s and 1116-1128 MiB. Torch already spreads one call over every
 core, so copies only compete for them, and each costs memory for as long as its thread lives.
 """
