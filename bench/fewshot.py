@@ -43,10 +43,11 @@ def plain_baseline(train, names, held_yaml: Path, work: Path) -> dict:
     spec["val"] = str(held_yaml.parent / "images" / "val")  # Ultralytics validates on the held-out images
     data.write_text(yaml.safe_dump(spec))
     started = time.perf_counter()
-    YOLO(str(BACKBONE)).train(data=str(data), epochs=30, imgsz=640, batch=8, workers=0,
+    # val=False: Ultralytics would otherwise pick best.pt by its score on the held-out images themselves.
+    YOLO(str(BACKBONE)).train(data=str(data), epochs=30, imgsz=640, batch=8, workers=0, val=False,
                               project=str(work / "baseline"), name="run", exist_ok=True, verbose=False)
     seconds = time.perf_counter() - started
-    weights = work / "baseline" / "run" / "weights" / "best.pt"
+    weights = work / "baseline" / "run" / "weights" / "last.pt"
     scores = evaluate(weights, held_yaml, 640, work)
     return {"map50": scores.map50, "map50_95": scores.map50_95, "train_seconds": round(seconds, 1),
             "touched_per_gt_box": plain_touched(weights, held_yaml, 640)}

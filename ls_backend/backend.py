@@ -20,20 +20,6 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
-class InvalidInput(ValueError):
-    """A request we cannot use; answered with a 400 and this message."""
-
-
-def project_id(value) -> str:
-    """Label Studio names a project '<id>.<created ts>' in /setup and /predict and by a dict in webhooks."""
-    if isinstance(value, dict):
-        value = value.get("id")
-    text = str(value or "").split(".")[0].strip()
-    if not text.isdigit():
-        raise InvalidInput(f"not a Label Studio project id: {value!r}")
-    return text
-
-
 class Backend:
     """Everything a request or a job needs, created once per process."""
 
@@ -54,7 +40,7 @@ class Backend:
     def projects(self) -> list[str]:
         """Every project with a folder in MODEL_DIR (the _cache, _weights, ... folders are not projects)."""
         root = self.settings.model_dir
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit()) if root.is_dir() else []
 
     def store(self, project: str) -> ProjectStore:
         return ProjectStore(self.settings.model_dir, project)

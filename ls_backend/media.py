@@ -11,8 +11,6 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
-import cv2
-import numpy as np
 import requests
 
 from .ls_client import LabelStudioClient, http_session
@@ -173,24 +171,3 @@ def _touch(path: Path) -> None:
     """Mark a use with the precise clock: the file system's own timestamps are only as fine as a kernel tick."""
     now = time.time_ns()
     os.utime(path, ns=(now, now))
-
-
-def read_image(path: Path) -> np.ndarray:
-    """Decode an image file to BGR, or say that it is not one."""
-    data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise MediaError(f"{path.name} is not a readable image")
-    return image
-
-
-def image_shape(path: Path) -> tuple[int, int]:
-    """(height, width) from the file header, without decoding the pixels."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise MediaError(f"{path.name} is not a readable image") from exc
-    return height, width

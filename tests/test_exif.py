@@ -105,7 +105,7 @@ def test_training_and_evaluation_read_rotated_photos_upright_with_matching_label
         assert info.image_sizes == [(810, 1080)] * 4
         return out, info
 
-    (rotated_dir, rotated), (upright_dir, upright) = dataset(0), dataset(1)
+    (rotated_dir, _), (upright_dir, _) = dataset(0), dataset(1)
     expected_rows = (rotated_dir / "dataset" / "labels" / "val" / f"{held[0]}.txt").read_text()
     for task_id, orientation in task_ids.items():
         split = "val" if task_id in held else "train"

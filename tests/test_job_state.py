@@ -70,9 +70,9 @@ def test_a_refinement_killed_with_its_server_runs_after_the_restart(backend_env,
     root = shared_file("datasets", "bccd")
     names, items = class_names(root), [i for i in read_dataset(root) if i.split == "train"][:10]
     media = MediaServer(tmp_path / "media")
-    env = backend_env(label_studio_url=media.url, label_studio_api_key=TOKEN, refine_time_budget=120,
-                      train_epochs=200, autolabel_after_train="false", accept_only_if_not_worse="false",
-                      refine_rounds=1)
+    backend_env(label_studio_url=media.url, label_studio_api_key=TOKEN, refine_time_budget=120,
+                train_epochs=200, autolabel_after_train="false", accept_only_if_not_worse="false",
+                refine_rounds=1)
     model_dir = tmp_path / "models"
     store = ProjectStore(model_dir, "1")
     store.update_info(label_config=label_config(names))
