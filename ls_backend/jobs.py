@@ -128,7 +128,8 @@ def train_project(project: str, job_id: str | None = None) -> dict:
         def progress(epoch: int, epochs: int) -> None:
             status(progress={"epoch": epoch, "epochs": epochs, "run": kind})
 
-        pseudo = pseudo_labels(backend, project, control) if kind == "refine" and refine_round >= SELF_TRAINING_FROM_ROUND else []
+        self_training = kind == "refine" and refine_round >= SELF_TRAINING_FROM_ROUND
+        pseudo = pseudo_labels(backend, project, control) if self_training else []
         outcome = run_training(store, backend.registry(project), control,
                                lambda record: fetcher.fetch(record["data"].get(control.value_key)),
                                backend.train_base_weights(), params, s.min_annotations, s.accept_only_if_not_worse,
@@ -173,7 +174,9 @@ def pseudo_labels(backend: Backend, project: str, control) -> list[dict]:
     try:
         todo = []
         for task in client.iter_tasks(project):
-            if _labeled(task) or len(chosen) + len(todo) >= quota * 2:
+            if len(chosen) + len(todo) >= quota * 2:  # enough candidates: a large project is not paged through
+                break
+            if _labeled(task):
                 continue
             stored = [p for p in task.get("predictions") or [] if p.get("model_version") == version]
             if stored:
