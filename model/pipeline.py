@@ -14,7 +14,7 @@ from .label_config import RectangleLabelsControl
 from .policy import worse_margin
 from .project_store import ProjectStore
 from .registry import ProjectRegistry, Version
-from .trainer import ProgressFn, TrainParams, model_cost, plan, train
+from .trainer import ProgressFn, TrainParams, checkpoint_model, model_cost, plan, train
 from .validator import evaluate
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,7 @@ def known_rows(control: RectangleLabelsControl, base_names: dict[int, str]) -> d
     return rows
 
 
-def _base_names(weights: Path) -> dict[int, str]:
-    import torch
-
-    checkpoint = torch.load(str(weights), map_location="cpu", weights_only=False)
-    model = checkpoint.get("ema") or checkpoint.get("model")
+def model_names(model) -> dict[int, str]:
     names = getattr(model, "names", None) or {}
     return dict(enumerate(names)) if isinstance(names, list) else dict(names)
 
@@ -83,9 +79,10 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
         parent_ok = parent is not None and parent.weights.is_file()
         start_from = parent.weights if parent_ok else base_weights
         parent_imgsz = (parent.meta.get("plan") or {}).get("imgsz") if parent_ok and not refined else None
+        network = checkpoint_model(start_from)
         run_plan = plan(params, len(info.train), [max(size) for size in info.image_sizes], info.box_sides,
-                        parent_imgsz, model_cost(start_from))
-        rows = {} if parent_ok else known_rows(control, _base_names(start_from))
+                        parent_imgsz, model_cost(network))
+        rows = {} if parent_ok else known_rows(control, model_names(network))
         log.info("project %s: training %s on %d train / %d val tasks from %s%s", store.project, run_plan,
                  len(info.train), len(info.val), start_from.name, f", keeping head rows {rows}" if rows else "")
         weights, seconds = train(info.yaml_path, start_from, work / "train", run_plan, params.device, params.seed,

@@ -44,12 +44,16 @@ def _gpu(device: str) -> bool:
     return device != "cpu" and torch.cuda.is_available()
 
 
-def model_cost(weights: Path) -> float:
-    """How much slower than the YOLOv5n-sized reference one training pass of these weights is."""
+def checkpoint_model(weights: Path):
+    """The network stored in an Ultralytics checkpoint, read without building a trainer."""
     import torch
 
     checkpoint = torch.load(str(weights), map_location="cpu", weights_only=False)
-    model = checkpoint.get("ema") or checkpoint.get("model")
+    return checkpoint.get("ema") or checkpoint.get("model")
+
+
+def model_cost(model) -> float:
+    """How much slower than the YOLOv5n-sized reference one training pass of this network is."""
     parameters = sum(p.numel() for p in model.parameters()) if model is not None else policy.REFERENCE_PARAMETERS
     return max(0.25, parameters / policy.REFERENCE_PARAMETERS)
 

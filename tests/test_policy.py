@@ -113,12 +113,12 @@ def test_labels_the_base_knows_keep_their_pretrained_head_rows(person_weights):
     import torch
     from ultralytics import YOLO
 
-    from model.pipeline import _base_names, known_rows
+    from model.pipeline import known_rows, model_names
     from model.trainer import keep_known_rows
 
     config = label_config(["car", "person"]).replace('<Label value="person"/>',
                                                       '<Label value="person" predicted_values="Fall,Normal"/>')
-    names = _base_names(person_weights)
+    names = model_names(YOLO(str(person_weights)).model)
     rows = known_rows(parse_label_config(config), names)
     assert rows == {1: min(i for i, n in names.items() if n in ("Fall", "Normal"))}
     base = YOLO(str(person_weights)).model
