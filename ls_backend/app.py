@@ -63,7 +63,8 @@ router = APIRouter(route_class=BoundedJSONRoute)
 
 @router.get("/")
 @router.get("/health")
-def health(request: Request) -> dict:
+async def health(request: Request) -> dict:
+    """Answered on the event loop, never behind busy worker threads: Label Studio gives it 1 s (nothing here blocks)."""
     state = request.app.state
     return {
         "status": "UP",
