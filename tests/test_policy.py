@@ -202,3 +202,8 @@ def test_the_status_page_says_when_boxes_are_held_back_and_on_how_many_tasks(mak
     assert "<td>2</td>" in page  # the held-out tasks the figures rest on
     [version] = client.get("/versions?project=1").json()["details"]
     assert version["held_out_tasks"] == 2 and version["threshold_evidence"]["images"] == 2
+
+
+def test_the_learning_rate_falls_as_classes_grow():
+    assert policy.learning_rate(1) == pytest.approx(0.004)
+    assert policy.learning_rate(10) < policy.learning_rate(3) < policy.learning_rate(1)
