@@ -71,7 +71,9 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
         raise NotEnoughData(f"project {store.project} has {len(records)} annotated tasks; training starts at {min_annotations}")
     work = registry.root / "runs" / f"run-{int(started * 1000)}"
     try:
-        info = build_dataset(records + [{**p, "pseudo": True} for p in pseudo or []], control, fetch, work / "dataset")
+        human = {r["task_id"] for r in records}  # a task labeled since its pseudo-label was made keeps the human label
+        pseudo = [{**p, "pseudo": True} for p in pseudo or [] if p["task_id"] not in human]
+        info = build_dataset(records + pseudo, control, fetch, work / "dataset")
         labeled = len(info.train) - len(info.pseudo) + len(info.val)
         if len(info.train) - len(info.pseudo) < 1 or labeled < max(2, min(min_annotations, len(records))):
             raise NotEnoughData(f"only {labeled} of {len(records)} tasks had usable images: {info.skipped}")

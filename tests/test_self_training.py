@@ -81,8 +81,10 @@ def test_pseudo_labeled_tasks_are_trained_on_but_never_held_out(backend_env, tmp
     info = build_dataset(store.records() + [{**p, "pseudo": True} for p in pseudo], control, fetch, tmp_path / "ds")
     assert sorted(info.pseudo) == sorted(pseudo_ids) and not set(info.val) & set(pseudo_ids)
     assert set(info.val) == {t for t in range(1, 11) if is_held_out(t)} or len(info.val) == 1
+    # Task 1 was labeled by a human after its pseudo-label was made: the human label wins.
+    stale = {"task_id": 1, "data": {"image": str(items[15].image)}, "result": []}
     outcome = run_training(store, registry, control, fetch, backbone_weights,
-                           TrainParams(epochs=2, imgsz=64, time_budget=0), 10, True, 5, pseudo=pseudo)
+                           TrainParams(epochs=2, imgsz=64, time_budget=0), 10, True, 5, pseudo=pseudo + [stale])
     meta = outcome.version.meta
     assert meta["pseudo_labeled"] == 6 and meta["annotations"] == 10
     assert set(meta["train_tasks"]) >= set(pseudo_ids) and not set(meta["val_tasks"]) & set(pseudo_ids)
