@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -21,7 +22,8 @@ from model.weights import WeightsUnavailable
 from . import metrics, report
 from .backend import Backend
 from .events import handle_event, remember_config
-from .jobs import autolabel_project, set_backend, set_queue, train_project
+from .job_context import JobContext, set_backend
+from .jobs import autolabel_project, train_project
 from .ls_client import setup_connection
 from .queues import LocalQueue, RQQueue
 from .scheduler import Scheduler
@@ -223,10 +225,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     backend = Backend(settings)
     set_backend(backend)
     queue = (RQQueue(settings.model_dir, settings.redis_url, settings.queue_name, settings.job_timeout)
-             if settings.redis_url else LocalQueue(settings.model_dir, {"train": train_project,
-                                                                         "autolabel": autolabel_project}))
-    set_queue(queue)
+             if settings.redis_url else LocalQueue(settings.model_dir, concurrency=settings.job_concurrency))
     scheduler = Scheduler(backend, queue)
+    if isinstance(queue, LocalQueue):  # in-process jobs are handed the server's own backend and scheduler
+        context = JobContext(backend, scheduler)
+        queue.start({"train": functools.partial(train_project, context=context),
+                     "autolabel": functools.partial(autolabel_project, context=context)})
     accepted = accepted_credentials(settings)
     client = backend.client() if accepted and settings.label_studio_api_key else None  # LABEL_STUDIO_URL's
     webhook_auth = (WebhookAuth(client, basic_auth_header(settings.basic_auth_user, settings.basic_auth_pass))

@@ -9,6 +9,7 @@ from model.images import set_max_pixels
 from model.policy import Thresholds
 from model.project_store import ProjectStore
 from model.registry import ProjectRegistry
+from model.workspace import Workspace, projects
 from model.weights import WeightsUnavailable, resolve_weights
 from model.yolo_env import prepare_ultralytics
 
@@ -16,6 +17,7 @@ from .ls_client import LabelStudioClient, LabelStudioError
 from .media import MediaFetcher
 from .serving import PredictionService
 from .settings import Settings
+from .sync_state import sync_state
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ class Backend:
         self.predictions = PredictionService(self)
         self.models = self.predictions.models  # what /health lists
         self.predict_tasks = self.predictions.predict_tasks  # what /predict and auto-labeling call
+        self.sync = sync_state(settings.model_dir, settings.redis_url)  # what the last resync covered
         self._clients: dict[tuple[str, str], LabelStudioClient] = {}
         self._base: Path | None = None
         self.base_error: str | None = None
@@ -39,8 +42,10 @@ class Backend:
     # -- projects -------------------------------------------------------------------------------
     def projects(self) -> list[str]:
         """Every project with a folder in MODEL_DIR (the _cache, _weights, ... folders are not projects)."""
-        root = self.settings.model_dir
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit()) if root.is_dir() else []
+        return projects(self.settings.model_dir)
+
+    def workspace(self, project: str) -> Workspace:
+        return Workspace(self.settings.model_dir, project)
 
     def store(self, project: str) -> ProjectStore:
         return ProjectStore(self.settings.model_dir, project)

@@ -8,7 +8,6 @@ from model.effort import compare
 from model.project_store import ProjectStore, annotation_record
 
 from .backend import Backend
-from .jobs import resync_flag
 from .scheduler import Scheduler
 from .schemas import AnnotationEvent, AnnotationsDeleted, Event
 
@@ -67,8 +66,6 @@ def handle_event(backend: Backend, scheduler: Scheduler, event: Event) -> dict:
     elif event.action == "TASKS_CREATED" and backend.registry(project).current_name():
         training = scheduler.autolabel(project)
     elif event.action == "START_TRAINING":
-        flag = resync_flag(backend, project)
-        flag.parent.mkdir(parents=True, exist_ok=True)
-        flag.touch()
+        backend.sync.request_resync(project)  # the job then exports everything once more
         training = scheduler.request(project)
     return {"status": "ok", "action": event.action, "project": project, "training": training}

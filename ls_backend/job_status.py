@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from model.registry import read_json, write_json
+from model.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ ACTIVE = ("pending", "queued", "running")
 
 
 def jobs_dir(model_dir: Path, project: str) -> Path:
-    return Path(model_dir) / str(project) / "jobs"
+    return Workspace(model_dir, project).jobs
 
 
 def new_job_id(kind: str, project: str) -> str:
@@ -89,6 +90,19 @@ def job_view(model_dir: Path, project: str, kind: str = "train") -> dict:
     earlier = [j for j in jobs if j is not current and j is not waiting]
     return {**current, "waiting": waiting if waiting is not current else None,
             "previous": earlier[-1] if earlier else None}
+
+
+def pending_requests(model_dir: Path) -> list[tuple[str, str]]:
+    """(kind, project) of every request left waiting for the queue, whichever process failed to queue it."""
+    from model.workspace import projects
+
+    found = []
+    for project in projects(model_dir):
+        for path in jobs_dir(model_dir, project).glob("*-pending.json"):
+            job = read_json(path, {}) or {}
+            if job.get("state") == "pending" and job.get("kind"):
+                found.append((job["kind"], project))
+    return found
 
 
 def write_status(model_dir: Path, project: str, kind: str = "train", **fields) -> dict:

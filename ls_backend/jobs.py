@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from pathlib import Path
 
 from model.label_config import ConfigError, parse_label_config
 from model.pipeline import NotEnoughData, run_training, trained_upto
@@ -13,36 +11,13 @@ from model.project_store import annotation_record
 from model.trainer import TrainParams
 
 from .backend import Backend
+from .job_context import JobContext, context_from_settings, get_backend, rq_queue, set_backend  # noqa: F401
 from .job_status import job_updater
 from .ls_client import LabelStudioError
 from .settings import get_settings
+from .sync_state import full_run_requested, needs_export
 
 log = logging.getLogger(__name__)
-
-_backend: Backend | None = None
-_backend_lock = threading.Lock()
-_synced: set[str] = set()  # projects this process has fully resynced from Label Studio
-
-
-def get_backend() -> Backend:
-    """One Backend per process, so a worker loads each model once."""
-    global _backend
-    with _backend_lock:
-        if _backend is None:
-            _backend = Backend(get_settings())
-        return _backend
-
-
-def set_backend(backend: Backend | None) -> None:
-    """Let the server share its Backend with in-process jobs (and tests reset it)."""
-    global _backend
-    with _backend_lock:
-        _backend = backend
-        _synced.clear()
-
-
-def resync_flag(backend: Backend, project: str) -> Path:
-    return backend.store(project).root / "resync_requested"
 
 
 def latest_annotation(task: dict) -> dict | None:
@@ -96,26 +71,36 @@ def next_run(backend: Backend, project: str, resync_requested: bool) -> tuple[st
     return None
 
 
-def train_project(project: str, job_id: str | None = None) -> dict:
+def sync_from_label_studio(backend: Backend, project: str) -> bool:
+    """Export the project from Label Studio if no job has yet, or the Train button asked again; say whether the
+    Train button asks for a full run. Every other job trains on what webhooks stored and calls Label Studio for
+    nothing."""
+    state = backend.sync.read(project)
+    pressed = full_run_requested(state)
+    if pressed:
+        backend.sync.mark(project, full=state.get("requested", 0))
+    if needs_export(state):
+        try:
+            resync(backend, project)
+            backend.sync.mark(project, synced=state.get("requested", 0), synced_at=time.time())
+        except LabelStudioError as exc:
+            log.warning("project %s: training on stored annotations only: %s", project, exc)
+    return pressed
+
+
+def train_project(project: str, job_id: str | None = None, context: JobContext | None = None) -> dict:
     """Resync when needed, train a version, and record the outcome in the project's job state.
 
     A quick update is served first; when no newer annotations wait, a longer refinement of the same data follows.
     """
-    backend = get_backend()
+    context = context or context_from_settings()
+    backend = context.backend
     s = backend.settings
     started = time.time()
     status = job_updater(s.model_dir, project, "train", job_id)
     status(state="running", started=started, progress=None, error=None, reason=None)
     try:
-        flag = resync_flag(backend, project)
-        resync_requested = flag.exists()
-        if resync_requested or project not in _synced:
-            try:
-                flag.unlink(missing_ok=True)
-                resync(backend, project)
-                _synced.add(project)
-            except LabelStudioError as exc:
-                log.warning("project %s: training on stored annotations only: %s", project, exc)
+        resync_requested = sync_from_label_studio(backend, project)
         run = next_run(backend, project, resync_requested)
         if run is None:
             raise NotEnoughData("nothing new to learn: no annotation changed since the served version")
@@ -149,11 +134,11 @@ def train_project(project: str, job_id: str | None = None) -> dict:
         follow_up.append("autolabel")
     if outcome.accepted and next_run(backend, project, False) is not None:
         follow_up.append("train")  # an idle refinement round, or an update for annotations that came meanwhile
-    for job in follow_up:
-        try:
-            get_queue().schedule(project, job)
-        except Exception as exc:  # the version is served either way; both can be asked for again
-            log.error("project %s: could not queue %s: %s", project, job, exc)
+    for job in follow_up:  # the scheduler retries one it cannot queue now, as it does a webhook's request
+        if context.scheduler is not None:
+            context.scheduler.request(project, job)
+        else:
+            log.info("project %s: no queue to run the %s that would follow (run it by hand)", project, job)
     return result
 
 
@@ -210,7 +195,8 @@ def _predicted_by(task: dict, version: str) -> bool:
     return any(p.get("model_version") == version for p in task.get("predictions") or [])
 
 
-def autolabel_project(project: str, progress_bar: bool = False, job_id: str | None = None) -> dict:
+def autolabel_project(project: str, progress_bar: bool = False, job_id: str | None = None,
+                      context: JobContext | None = None) -> dict:
     """Predict every unlabeled task lacking a prediction of the served version and store it in Label Studio.
 
     Safe to interrupt: a rerun skips what already holds this version's prediction. Stops when a newer version
@@ -218,7 +204,7 @@ def autolabel_project(project: str, progress_bar: bool = False, job_id: str | No
     """
     from tqdm import tqdm
 
-    backend = get_backend()
+    backend = (context or context_from_settings()).backend
     s = backend.settings
     version = backend.registry(project).current_name()
     status = job_updater(s.model_dir, project, "autolabel", job_id)
@@ -256,28 +242,9 @@ def autolabel_project(project: str, progress_bar: bool = False, job_id: str | No
     return status(state=state, reason=reason, done=done, failed=failed, total=len(todo), finished=time.time())
 
 
-_queue = None
-
-
-def set_queue(queue) -> None:
-    """The server hands its queue to in-process jobs so a training job can queue auto-labeling."""
-    global _queue
-    _queue = queue
-
-
-def get_queue():
-    """The server's queue, or in a worker process an RQ queue on the same Redis."""
-    global _queue
-    if _queue is None:
-        from .queues import RQQueue
-
-        s = get_settings()
-        _queue = RQQueue(s.model_dir, s.redis_url, s.queue_name, s.job_timeout)
-    return _queue
-
-
 def _run_rq(kind: str, project: str, run) -> dict:
-    """Leave the waiting slot, wait for the project's lock for this kind of job, then run it."""
+    """Leave the waiting slot, wait for the project's lock for this kind of job, then run it with a context
+    rebuilt from settings in this worker."""
     from rq import get_current_job
 
     from .queues import WAITING, hold_lock
@@ -289,7 +256,7 @@ def _run_rq(kind: str, project: str, run) -> dict:
         redis.delete(key)
     release = hold_lock(redis, kind, project)
     try:
-        return run(project, job_id=job.id)
+        return run(project, job_id=job.id, context=context_from_settings())
     finally:
         release()
 
@@ -306,4 +273,4 @@ def run_queued_autolabel(project: str) -> dict:
 
 def on_rq_failure(job, connection, exc_type, exc_value, traceback) -> None:
     """RQ gave up on a job: one whose state still says running died with its worker, and is resumed."""
-    get_queue().lost(job.args[0], job.id, f"the worker running it was lost (RQ: {exc_type.__name__})")
+    rq_queue(get_settings()).lost(job.args[0], job.id, f"the worker running it was lost (RQ: {exc_type.__name__})")

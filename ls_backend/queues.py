@@ -45,18 +45,29 @@ def resume(queue: JobQueue, job: dict, why: str) -> None:
 
 
 class LocalQueue:
-    """One background thread in the server runs the jobs, for a user with nothing but the server."""
+    """Background threads in the server run the jobs, for a user with nothing but the server.
+
+    Up to `concurrency` jobs run at once, of different projects (or of different kinds); a project never runs two
+    jobs of one kind at once, and its waiting one starts when its running one ends."""
 
     kind = "in-process"
 
-    def __init__(self, model_dir, runners: dict[str, Callable[..., object]]):
+    def __init__(self, model_dir, runners: dict[str, Callable[..., object]] | None = None, concurrency: int = 1):
         self.model_dir = Path(model_dir)
-        self.runners = runners  # kind -> function(project, job_id=...)
+        self.runners: dict[str, Callable[..., object]] = {}  # kind -> function(project, job_id=...)
+        self.concurrency = max(1, concurrency)
         self._waiting: deque[tuple[str, str, str]] = deque()  # kind, project, job id
-        self._running: tuple[str, str, str] | None = None
+        self._running: list[tuple[str, str, str]] = []
         self._cond = threading.Condition()
         self._recover()
-        threading.Thread(target=self._loop, name="job-worker", daemon=True).start()
+        if runners is not None:
+            self.start(runners)
+
+    def start(self, runners: dict[str, Callable[..., object]]) -> None:
+        """Start the threads once the runners exist (they need the scheduler, which needs this queue)."""
+        self.runners = runners
+        for n in range(self.concurrency):
+            threading.Thread(target=self._loop, name=f"job-worker-{n}", daemon=True).start()
 
     def schedule(self, project: str, kind: str = "train", **fields) -> str:
         with self._cond:
@@ -65,7 +76,7 @@ class LocalQueue:
             job_id = new_job_id(kind, project)
             create_job(self.model_dir, project, kind, job_id, self.kind, **fields)
             self._waiting.append((kind, project, job_id))
-            self._cond.notify()
+            self._cond.notify_all()
             return "queued"
 
     def _recover(self) -> None:
@@ -80,19 +91,29 @@ class LocalQueue:
             if job["state"] == "running":
                 resume(self, job, "the server stopped while it ran")
 
+    def _take(self) -> tuple[str, str, str] | None:
+        """The oldest waiting job whose project runs no job of its kind; called with the condition held."""
+        busy = {(k, p) for k, p, _ in self._running}
+        for job in self._waiting:
+            if job[:2] not in busy:
+                self._waiting.remove(job)
+                self._running.append(job)
+                return job
+        return None
+
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting:
+                while (job := self._take()) is None:
                     self._cond.wait()
-                kind, project, job_id = self._running = self._waiting.popleft()
+            kind, project, job_id = job
             try:
                 self.runners[kind](project, job_id=job_id)
             except Exception:
                 log.exception("project %s: %s job failed", project, kind)
             finally:
                 with self._cond:
-                    self._running = None
+                    self._running.remove(job)
                     self._cond.notify_all()
 
     def idle(self, timeout: float) -> bool:

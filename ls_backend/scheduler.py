@@ -7,7 +7,7 @@ import threading
 from model.pipeline import trained_upto
 
 from .backend import Backend
-from .job_status import write_status
+from .job_status import pending_requests, write_status
 from .queues import JobQueue
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,13 @@ class Scheduler:
 
     def _retry_loop(self) -> None:
         while not self._stop.wait(RETRY_SECONDS):
+            try:  # requests another process could not queue (a job's follow-up in an RQ work-horse that ended)
+                adopted = set(pending_requests(self.backend.settings.model_dir))
+            except OSError as exc:
+                log.warning("cannot list waiting requests in MODEL_DIR: %s", exc)
+                adopted = set()
             with self._lock:
+                self.pending |= adopted
                 projects = list(self.pending)
             for kind, project in projects:
                 if self.request(project, kind) != "pending":

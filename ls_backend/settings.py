@@ -4,8 +4,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.compute import default_job_concurrency
 
 from .netpolicy import AddressRefused, host_entry, parse_origin
 
@@ -40,6 +42,7 @@ class Settings(BaseSettings):
     media_timeout: float = 15.0
     media_cache_max_bytes: int = 2 * 1024 * 1024 * 1024
 
+    job_concurrency: int = Field(default_factory=default_job_concurrency, ge=1)
     redis_url: str = ""
     queue_name: str = "ls-yolo-train"
     job_timeout: int = 3600

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .jobs import get_backend
+from .job_context import get_backend
 from .settings import get_settings
 
 

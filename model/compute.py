@@ -7,6 +7,7 @@ import threading
 from typing import Iterator
 
 _active = 0
+_training = 0
 _lock = threading.Lock()
 
 
@@ -31,11 +32,31 @@ def serving() -> Iterator[None]:
             _active -= 1
 
 
-def training_threads() -> int:
-    """Torch threads for the training thread's next batch: all cores when idle, all but one while serving."""
+def default_job_concurrency() -> int:
+    """In-process jobs at once by default: one per two cores, since a YOLO training on one core runs at well under
+    half the speed it reaches on two, and a server without Redis must still answer predictions."""
+    return max(1, cores() // 2)
+
+
+@contextlib.contextmanager
+def training() -> Iterator[None]:
+    """Mark a training run in flight, so concurrent runs in one process share the cores instead of each taking all."""
+    global _training
     with _lock:
-        busy = _active > 0
-    return max(1, cores() - 1) if busy else cores()
+        _training += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _training -= 1
+
+
+def training_threads() -> int:
+    """Torch threads for a training thread's next batch: its share of the cores, one fewer while serving."""
+    with _lock:
+        busy, runs = _active > 0, max(1, _training)
+    share = max(1, cores() // runs)
+    return max(1, share - 1) if busy else share
 
 
 def use_training_threads() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .registry import read_json, write_json
+from .workspace import Workspace
 
 
 def annotation_record(task: dict, annotation: dict) -> dict:
@@ -25,12 +26,12 @@ class ProjectStore:
     """One JSON file per annotated task plus the project's settings, written atomically."""
 
     def __init__(self, model_dir: Path, project: str | int):
-        self.project = str(project)
-        self.root = Path(model_dir) / self.project
-        self.annotations_dir = self.root / "annotations"
-        self.info_file = self.root / "project.json"
-        self.predictions_dir = self.root / "predictions"
-        self.effort_dir = self.root / "effort"
+        self.workspace = Workspace(model_dir, project)
+        self.project, self.root = self.workspace.project, self.workspace.root
+        self.annotations_dir = self.workspace.annotations
+        self.info_file = self.workspace.info_file
+        self.predictions_dir = self.workspace.predictions
+        self.effort_dir = self.workspace.effort
 
     def info(self) -> dict:
         return read_json(self.info_file, {}) or {}

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .workspace import Workspace
+
 WEIGHTS = "weights.pt"
 META = "meta.json"
 _VERSION = re.compile(r"^v(\d+)$")
@@ -53,10 +55,10 @@ class ProjectRegistry:
     """The versions of one project; a version is complete on disk before it can become current."""
 
     def __init__(self, model_dir: Path, project: str | int):
-        self.project = str(project)
-        self.root = Path(model_dir) / self.project
-        self.versions_dir = self.root / "versions"
-        self.current_file = self.root / "current.json"
+        workspace = Workspace(model_dir, project)
+        self.project, self.root = workspace.project, workspace.root
+        self.versions_dir = workspace.versions
+        self.current_file = workspace.current_file
 
     def versions(self) -> list[Version]:
         """All versions, oldest first, pruned ones included (their weights are gone, their history stays)."""

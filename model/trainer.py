@@ -136,8 +136,9 @@ def train(data_yaml: Path, weights: Path, run_dir: Path, run_plan: TrainPlan, de
         kwargs["time"] = run_plan.time_budget / 3600
     if device:
         kwargs["device"] = device
-    compute.use_training_threads()
-    model.train(**kwargs)
+    with compute.training():
+        compute.use_training_threads()
+        model.train(**kwargs)
     out = run_dir / "weights"
     best = out / "best.pt" if (out / "best.pt").is_file() else out / "last.pt"
     return best, time.monotonic() - started
