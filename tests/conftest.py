@@ -68,6 +68,7 @@ class MediaHandler(http.server.BaseHTTPRequestHandler):
     predictions: list  # what was POSTed to /api/predictions
     fail_after: int | None  # answer 500 once this many predictions were stored, as a crash would
     on_prediction: object  # called with the count after each stored prediction
+    on_get: object  # called with the path of each GET before it is answered
     token: str = TOKEN
     refresh_token: str = ""
     seen: list
@@ -103,6 +104,9 @@ class MediaHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.seen.append((self.path, self.headers.get("Authorization")))
+        hook = vars(type(self)).get("on_get")
+        if hook:
+            hook(self.path)
         parsed = urllib.parse.urlsplit(self.path)
         if parsed.path == "/api/tasks" and self._authorized():
             query = urllib.parse.parse_qs(parsed.query)
@@ -148,7 +152,8 @@ class MediaServer:
     def __init__(self, root: Path):
         self.root = root
         handler = type("Handler", (MediaHandler,), {"root": root, "seen": [], "api": {}, "tasks": [],
-                                                     "predictions": [], "fail_after": None, "on_prediction": None})
+                                                     "predictions": [], "fail_after": None, "on_prediction": None,
+                                                     "on_get": None})
         self.handler = handler
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
