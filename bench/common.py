@@ -35,7 +35,8 @@ class LabelStudioStandIn:
 
     def __init__(self, root: Path):
         self.root = root
-        self.api: dict[str, object] = {}
+        self.api: dict[str, object] = {}  # path -> JSON answer, or a function returning it
+        self.calls: list[str] = []  # the API paths requested, in order (media downloads are not API calls)
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -46,8 +47,11 @@ class LabelStudioStandIn:
                 path = urllib.parse.urlsplit(self.path).path
                 if self.headers.get("Authorization") != f"Token {TOKEN}":
                     return self._send(401, b"{}")
+                if path.startswith("/api/"):
+                    owner.calls.append(path)
                 if path in owner.api:
-                    return self._send(200, json.dumps(owner.api[path]).encode())
+                    answer = owner.api[path]
+                    return self._send(200, json.dumps(answer() if callable(answer) else answer).encode())
                 file = owner.root / path.lstrip("/")
                 return self._send(200, file.read_bytes()) if file.is_file() else self._send(404, b"")
 

@@ -177,3 +177,25 @@ def test_a_follow_up_job_that_met_a_stopped_redis_is_queued_when_it_is_back(make
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_a_train_button_press_while_redis_is_unreachable_is_kept(tmp_path, redis_db):
+    from ls_backend.sync_state import RedisSyncState, full_run_requested, needs_export
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]  # nothing listens there once the probe is closed
+    up, down = RedisSyncState(tmp_path, REDIS_TEST_URL), RedisSyncState(tmp_path, f"redis://127.0.0.1:{closed}/0")
+    assert needs_export(up.read("1")) and not full_run_requested(up.read("1"))  # never exported
+    up.mark("1", synced=0, synced_at=1.0)
+    assert not needs_export(up.read("1"))
+    down.request_resync("1")  # the webhook still answers; the press is noted on disk
+    assert needs_export(down.read("1"))  # a job that cannot read the state exports rather than miss anything
+    state = up.read("1")
+    assert needs_export(state) and full_run_requested(state)
+    up.mark("1", full=state["requested"])
+    up.mark("1", synced=state["requested"])
+    state = up.read("1")
+    assert not needs_export(state) and not full_run_requested(state)
+    up.request_resync("1")  # a later press counts on from there
+    assert needs_export(up.read("1")) and full_run_requested(up.read("1"))
