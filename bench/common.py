@@ -106,11 +106,11 @@ class Process:
         self.log.close()
 
 
-def start_server(env: dict[str, str], log: Path) -> tuple[Process, str]:
+def start_server(env: dict[str, str], log: Path, timeout: float = 60) -> tuple[Process, str]:
     port = free_port()
     server = Process([sys.executable, "-m", "ls_backend"], {**env, "PORT": str(port)}, log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if requests.get(f"{url}/health", timeout=1).status_code == 200:

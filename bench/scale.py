@@ -2,7 +2,7 @@
 hour, seconds from an annotation to the first served version that learned it (p50/p95), Label Studio API calls
 per training job.
 
-    nice -n 19 python bench/scale.py [--projects 4] [--configs rq:1,rq:2] [--per-project 20] [--rate 0.5]
+    nice -n 19 python bench/scale.py [--projects 4] [--configs rq:1,rq:2] [--per-project 8] [--rate 1]
 
 Each config gets a fresh MODEL_DIR, Redis database, server and workers. Every annotation goes through the server's
 webhook route; the stand-in Label Studio serves the images, each project's details and its JSON export (of what was
@@ -28,7 +28,7 @@ from model.registry import ProjectRegistry, read_json  # noqa: E402
 from model.yolo_import import class_names, label_config, read_dataset, to_result  # noqa: E402
 
 SETTINGS = {"TRAIN_IMGSZ": "64", "TRAIN_EPOCHS": "2", "TRAIN_TIME_BUDGET": "0", "REFINE_TIME_BUDGET": "0",
-            "MIN_ANNOTATIONS": "8", "RETRAIN_EVERY": "4", "AUTOLABEL_AFTER_TRAIN": "false",
+            "MIN_ANNOTATIONS": "4", "RETRAIN_EVERY": "4", "AUTOLABEL_AFTER_TRAIN": "false",
             "ACCEPT_ONLY_IF_NOT_WORSE": "false", "SELF_TRAINING": "false"}
 ACTIVE = ("queued", "running", "pending")
 
@@ -62,9 +62,10 @@ def run_config(kind: str, count: int, projects: int, per_project: int, rate: flo
                    for n in range(count)]
     else:
         env["JOB_CONCURRENCY"] = str(count)
-    server, url = start_server(env, work / "server.log")
     sent: dict[tuple[int, int], float] = {}
+    server = None
     try:
+        server, url = start_server(env, work / "server.log", timeout=300)  # a loaded machine imports torch slowly
         events = [(project, task_id, item) for task_id, item in enumerate(items, start=1)
                   for project in annotated]  # round robin: every project annotated at the same steady rate
         begun = time.time()
@@ -83,7 +84,8 @@ def run_config(kind: str, count: int, projects: int, per_project: int, rate: flo
             time.sleep(1)
         ended = time.time()
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
         for worker in workers:
             worker.stop()
         ls.close()
@@ -99,10 +101,12 @@ def run_config(kind: str, count: int, projects: int, per_project: int, rate: flo
                 latencies.append(first["created"] - sent[(project, task)])
         jobs += [read_json(p, {}) for p in (work / "models" / str(project) / "jobs").glob("train-*.json")]
     ran = [j for j in jobs if j.get("state") in ("finished", "skipped", "failed")]
+    job_seconds = [j["finished"] - j["started"] for j in ran if j.get("started") and j.get("finished")]
     hours = (ended - begun) / 3600
     return {"queue": f"{kind}:{count}", "projects": projects, "annotations": len(sent), "rate_per_s": rate,
             "seconds": round(ended - begun, 1), "drain_seconds": round(ended - arrivals_done, 1),
             "versions": versions, "versions_per_hour": round(versions / hours, 1), "jobs": len(ran),
+            "job_seconds_mean": round(statistics.fmean(job_seconds), 1) if job_seconds else None,
             "jobs_failed": sum(j.get("state") == "failed" for j in ran),
             "latency_p50": percentile(latencies, 0.5), "latency_p95": percentile(latencies, 0.95),
             "latency_mean": statistics.fmean(latencies) if latencies else None, "learned": len(latencies),
@@ -115,9 +119,10 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=SHARED / "datasets" / "bccd")
     parser.add_argument("--projects", type=int, default=4)
     parser.add_argument("--configs", default="rq:1,rq:2", help="rq:W (W workers) or local:N (JOB_CONCURRENCY=N)")
-    parser.add_argument("--per-project", type=int, default=20, help="annotations per project")
-    parser.add_argument("--rate", type=float, default=0.5, help="annotations per second, all projects together")
+    parser.add_argument("--per-project", type=int, default=8, help="annotations per project")
+    parser.add_argument("--rate", type=float, default=1.0, help="annotations per second, all projects together")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/10")
+    parser.add_argument("--keep", type=Path, help="keep each config's MODEL_DIR and logs under this folder")
     parser.add_argument("--set", nargs="*", default=[], help="extra backend settings, KEY=VALUE")
     args = parser.parse_args()
     extra = dict(kv.split("=", 1) for kv in args.set)
@@ -125,13 +130,16 @@ def main() -> None:
     for config in args.configs.split(","):
         kind, count = config.split(":")
         with tempfile.TemporaryDirectory() as tmp:
+            work = args.keep / config.replace(":", "-") if args.keep else Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
             results.append(run_config(kind, int(count), args.projects, args.per_project, args.rate,
-                                      args.dataset.resolve(), Path(tmp), args.redis_url, extra))
+                                      args.dataset.resolve(), work, args.redis_url, extra))
         print(results[-1], flush=True)
-    print_table(["queue", "projects", "annotations", "seconds", "versions", "versions/h", "jobs", "p50 s", "p95 s",
-                 "LS calls/job", "exports"],
+    print_table(["queue", "projects", "annotations", "seconds", "versions", "versions/h", "jobs", "s/job",
+                 "p50 s", "p95 s", "LS calls/job", "exports"],
                 [[r["queue"], r["projects"], r["annotations"], r["seconds"], r["versions"], r["versions_per_hour"],
-                  r["jobs"], r["latency_p50"], r["latency_p95"], r["ls_api_calls_per_job"], r["ls_exports"]]
+                  r["jobs"], r["job_seconds_mean"], r["latency_p50"], r["latency_p95"], r["ls_api_calls_per_job"],
+                  r["ls_exports"]]
                  for r in results])
     print("wrote", write_results("scale", {"settings": {**SETTINGS, **extra}, "dataset": args.dataset.name,
                                            "runs": results}))
