@@ -89,6 +89,18 @@ def test_boxes_that_cost_more_than_drawing_are_not_served():
     assert thresholds.default <= 0.6 and evidence["touched"] == 0
 
 
+def test_boxes_are_served_only_on_confident_evidence_of_a_saving():
+    # Held-out images without a box say nothing about serving: none is served.
+    assert learn([HeldOutImage([], []) for _ in range(2)], ["cat"], 0.25)[0].default == NEVER
+    # One right box could be luck (its saving's lower bound is 0); three right boxes are evidence.
+    assert learn([_image([("cat", 0.9, 0)], ["cat"])], ["cat"], 0.25)[0].of("cat") == NEVER
+    assert learn([_image([("cat", 0.9, 0)], ["cat"]) for _ in range(3)], ["cat"], 0.25)[0].of("cat") <= 0.9
+    # A label seen only as false boxes is withheld while the label that pays is served.
+    images = [_image([("cat", 0.9, 0), ("dog", 0.9, 300)], ["cat", "dog"]) for _ in range(4)]
+    thresholds, evidence = learn(images, ["cat", "dog"], 0.25)
+    assert thresholds.of("cat") < NEVER and thresholds.of("dog") == NEVER and evidence["withheld_labels"] == ["dog"]
+
+
 def test_a_label_with_enough_held_out_boxes_gets_its_own_threshold():
     # 'dog' boxes are all false at 0.5; 'cat' boxes right at 0.4. One shared threshold cannot serve both well.
     images = [HeldOutImage(
@@ -207,3 +219,21 @@ def test_the_status_page_says_when_boxes_are_held_back_and_on_how_many_tasks(mak
 def test_the_learning_rate_falls_as_classes_grow():
     assert policy.learning_rate(1) == pytest.approx(0.004)
     assert policy.learning_rate(10) < policy.learning_rate(3) < policy.learning_rate(1)
+
+
+def test_few_shot_runs_keep_the_pretrained_backbone_and_train_the_rest(tmp_path, backend_env, bccd_dataset,
+                                                                       backbone_weights):
+    import torch
+
+    from model.trainer import TrainParams, backbone_layers, checkpoint_model, plan, train
+
+    base = checkpoint_model(backbone_weights)
+    assert backbone_layers(base) == 10
+    chosen = plan(TrainParams(epochs=1, imgsz=64, time_budget=0), 4, [640], [40.0], backbone=backbone_layers(base))
+    assert chosen.freeze == 10
+    assert plan(TrainParams(epochs=1, imgsz=64, time_budget=0, freeze=0), 4, [640], [40.0], backbone=10).freeze == 0
+    weights, _ = train(bccd_dataset, backbone_weights, tmp_path / "run", chosen)
+    trained = checkpoint_model(weights).float()
+    base = base.float()
+    assert torch.equal(trained.model[0].conv.weight, base.model[0].conv.weight)  # the backbone is kept
+    assert not torch.equal(trained.model[-1].cv2[0][0].conv.weight, base.model[-1].cv2[0][0].conv.weight)  # the head learned
