@@ -51,7 +51,7 @@ def run_config(kind: str, count: int, projects: int, per_project: int, rate: flo
         ls.api[f"/api/projects/{project}"] = {"id": project, "label_config": config}
         ls.api[f"/api/projects/{project}/export"] = (lambda p=project: [
             {**e["task"], "annotations": [e["annotation"]]} for e in annotated[p]])
-    env = backend_env(work / "models", ls.url, **SETTINGS, **extra)
+    env = backend_env(work / "models", ls.url, **{**SETTINGS, **extra})
     workers: list[Process] = []
     if kind == "rq":
         import redis
