@@ -73,6 +73,7 @@ async def health(request: Request) -> dict:
         "base_model": state.backend.settings.base_model,
         "base_model_error": state.backend.base_error,
         "models_loaded": state.backend.models.loaded(),
+        "model_runtimes": state.backend.models.runtimes(),
         "waiting_for_queue": sorted(f"{kind}:{project}" for kind, project in state.scheduler.pending),
     }
 

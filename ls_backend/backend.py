@@ -1,6 +1,7 @@
 """The per-process state that the server, the jobs and the CLI share: settings, models, clients."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 from pathlib import Path
@@ -28,6 +29,9 @@ class Backend:
         settings.model_dir.mkdir(parents=True, exist_ok=True)
         prepare_ultralytics(settings.ultralytics_dir, settings.allow_downloads)
         set_max_pixels(settings.max_image_pixels)
+        if settings.predict_runtime == "openvino" and importlib.util.find_spec("openvino") is None:
+            raise RuntimeError("PREDICT_RUNTIME=openvino but the openvino package is not installed: "
+                               "pip install the version in requirements.txt, or set PREDICT_RUNTIME=auto")
         self.predictions = PredictionService(self)
         self.models = self.predictions.models  # what /health lists
         self.predict_tasks = self.predictions.predict_tasks  # what /predict and auto-labeling call
@@ -91,8 +95,13 @@ class Backend:
         return resolve_weights(self.settings.train_base, self.settings.model_dir / "_weights", self.settings.allow_downloads)
 
     def warm_up(self) -> None:
-        """Import Ultralytics now (torch's first import is not thread-safe), then load the base model in the background."""
-        import ultralytics  # noqa: F401
+        """Import Ultralytics now (torch's first import is not thread-safe), then load the base model in the background.
+
+        A local base model with an OpenVINO export is served without torch, so torch is not imported for it.
+        """
+        local = Path(self.settings.base_model).expanduser()
+        if not (local.is_file() and self.models.uses_export(local)):
+            import ultralytics  # noqa: F401
 
         def load() -> None:
             try:

@@ -134,7 +134,8 @@ def train_project(project: str, job_id: str | None = None) -> dict:
                                lambda record: fetcher.fetch(record["data"].get(control.value_key)),
                                backend.train_base_weights(), params, s.min_annotations, s.accept_only_if_not_worse,
                                s.keep_versions, progress, refined=kind != "update", default_conf=s.predict_conf,
-                               refine_round=refine_round, pseudo=pseudo)
+                               refine_round=refine_round, pseudo=pseudo, export=s.exports_versions,
+                               export_precision=s.openvino_precision)
     except (NotEnoughData, ConfigError) as exc:
         status(state="skipped", reason=str(exc), finished=time.time())
         return {"state": "skipped", "reason": str(exc)}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Literal
 
 from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +31,11 @@ class Settings(BaseSettings):
     predict_imgsz: int = 640
     predict_conf: float = 0.25
     predict_batch: int = 4
+    # auto: a version's OpenVINO export (made by its training job) predicts when present and importable, else
+    # PyTorch; openvino: the same, and the server refuses to start without the openvino package; pytorch: never.
+    predict_runtime: Literal["auto", "openvino", "pytorch"] = "auto"
+    # "": OpenVINO's default for the CPU (bf16 where the CPU computes it natively, else f32); f32: PyTorch's boxes exactly.
+    openvino_precision: Literal["", "f32", "bf16"] = ""
     max_image_pixels: int = 50_000_000
 
     label_studio_url: str = ""
@@ -95,6 +101,11 @@ class Settings(BaseSettings):
         if self.label_studio_api_key and not self.label_studio_url:
             raise ValueError("LABEL_STUDIO_API_KEY is sent only to LABEL_STUDIO_URL: set LABEL_STUDIO_URL too")
         return self
+
+    @property
+    def exports_versions(self) -> bool:
+        """Training jobs export promoted versions to OpenVINO when a CPU server would predict with the export."""
+        return self.predict_runtime != "pytorch" and self.device in ("", "cpu")
 
     @property
     def media_cache(self) -> Path:
