@@ -1,7 +1,6 @@
 """The per-process state that the server, the jobs and the CLI share: settings, models, clients."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import threading
 from pathlib import Path
@@ -10,6 +9,7 @@ from model.images import set_max_pixels
 from model.policy import Thresholds
 from model.project_store import ProjectStore
 from model.registry import ProjectRegistry
+from model.runtime import available as runtime_unavailable
 from model.weights import WeightsUnavailable, resolve_weights
 from model.yolo_env import prepare_ultralytics
 
@@ -29,8 +29,8 @@ class Backend:
         settings.model_dir.mkdir(parents=True, exist_ok=True)
         prepare_ultralytics(settings.ultralytics_dir, settings.allow_downloads)
         set_max_pixels(settings.max_image_pixels)
-        if settings.predict_runtime == "openvino" and importlib.util.find_spec("openvino") is None:
-            raise RuntimeError("PREDICT_RUNTIME=openvino but the openvino package is not installed: "
+        if settings.predict_runtime == "openvino" and (reason := runtime_unavailable()):
+            raise RuntimeError(f"PREDICT_RUNTIME=openvino, but {reason}: "
                                "pip install the version in requirements.txt, or set PREDICT_RUNTIME=auto")
         self.predictions = PredictionService(self)
         self.models = self.predictions.models  # what /health lists

@@ -80,6 +80,8 @@ class ModelCache:
                     return self._models[key]
             model = self._load(weights, exported=key[2])
             with self._lock:
+                for stale in [k for k in self._models if k[0] == key[0]]:  # older weights or runtime of this path
+                    del self._models[stale]
                 self._models[key] = model
                 self._loading.pop(key, None)
                 while len(self._models) > self.size:
@@ -110,6 +112,17 @@ class ModelCache:
             return {key[0]: model.runtime for key, model in self._models.items()}
 
 
+def on_gpu(device: str) -> bool:
+    """Whether PyTorch predicts on a GPU: DEVICE names one, or is empty and torch sees CUDA."""
+    if device.lower() == "cpu":
+        return False
+    if device:
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def predict(model: LoadedModel, images: list[np.ndarray], label_map: dict[int, str], imgsz: int,
             thresholds: Thresholds, batch: int, device: str = "") -> list[Detections]:
     """Run the model over BGR images in batches and keep the boxes of labels the project knows above their thresholds."""
@@ -118,12 +131,16 @@ def predict(model: LoadedModel, images: list[np.ndarray], label_map: dict[int, s
     if device:
         kwargs["device"] = device
     for start in range(0, len(images), max(1, batch)):
+        chunk = images[start:start + batch]
         with model.lock:
             if model.exported is not None:
-                found = model.exported.predict(images[start:start + batch], imgsz, CANDIDATE_CONF)
+                found = model.exported.predict(chunk, imgsz, CANDIDATE_CONF)
             else:
+                # PyTorch on a CPU: one image per forward pass. A batch of four 640 px images raised the server's
+                # peak by ~200 MiB and saved no time (bench/speed.py); a GPU gets the whole chunk at once.
+                parts = [chunk] if on_gpu(device) else [[image] for image in chunk]
                 found = [r.boxes.data.cpu().numpy() if r.boxes is not None else np.zeros((0, 6))
-                         for r in model.yolo.predict(images[start:start + batch], **kwargs)]
+                         for part in parts for r in model.yolo.predict(part, **kwargs)]
         for data in found:
             boxes, candidates = [], []
             for x1, y1, x2, y2, score, cls in data[:, :6]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from pathlib import Path
 
 import cv2
@@ -30,10 +31,14 @@ class RuntimeUnavailable(RuntimeError):
 
 def available() -> str | None:
     """Why OpenVINO cannot be imported in this process, or None when it can."""
+    # `import openvino` loads its converter, which reports usage to Google Analytics unless its telemetry package is
+    # missing; this backend sends nothing anywhere, so the converter's built-in stand-in is made to load instead.
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)
     try:
         import openvino  # noqa: F401
     except ImportError as exc:
-        return f"openvino is not installed ({exc})"
+        return f"openvino is not installed: {exc}"
     return None
 
 
