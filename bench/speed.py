@@ -1,6 +1,6 @@
 """Speed and memory of the backend on this machine: webhook acknowledgement, batch prediction, peak RSS.
 
-    python bench/speed.py [--events 200] [--batch 64] [--redis-url redis://127.0.0.1:6379/11]
+    python bench/speed.py [--events 200] [--batch 64] [--redis-url redis://127.0.0.1:6379/11] [--sections ...]
 
 1. Webhook acknowledgement latency of ANNOTATION_CREATED events, sent one after another over a keep-alive
    session: in-process queue with MIN_ANNOTATIONS so high that nothing trains, then with RQ (MIN_ANNOTATIONS=10,
@@ -10,6 +10,11 @@
 3. Peak RSS (VmHWM) of the server after those predictions against a plain Python process that imports
    Ultralytics, loads the same weights and predicts the two images once (target: server <= plain + 100 MiB).
 4. Peak memory of an RQ worker (`--burst`) and its forked work-horse during one training job on 10 bccd images.
+5. Runtimes (`--sections plain runtimes` alone): the person detector exported to OpenVINO as a training job
+   exports a promoted version, then per image, interleaved call by call on the same weights, image and size: a
+   direct Ultralytics PyTorch call, /predict served by PyTorch (PREDICT_RUNTIME=pytorch) and /predict served by the
+   export; each server's peak RSS after a --batch-task /predict; and the held-out mAP50 of a version trained on
+   bccd by the product's own training run, predicted by PyTorch and by the export.
 
 The Redis database (--redis-url) is flushed before and after. Results: bench/results/speed.json.
 """

@@ -62,7 +62,7 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
     """Train a new version from every stored annotation, warm-starting from the served one.
 
     pseudo: unlabeled tasks with the served version's confident boxes as their result, trained on but never
-    held out, so every version is still judged on human labels only. export: a promoted version is also exported
+    held out, so every version is still judged on human labels only. export: a promoted version is then exported
     to OpenVINO (model.export), checked against PyTorch on its held-out images; a failed export only logs.
     """
     started = time.time()
@@ -133,14 +133,9 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
             "refine_round": refine_round,
             "status": "rejected",
         }
-        exporting = accepted and export
-        version = registry.add(weights, {**meta, "status": "exporting"} if exporting else meta,
-                               make_current=accepted and not exporting)
-        if exporting:  # exported before it is served, so no server loads it with PyTorch in between
-            try:
-                export_version(version, run_plan.imgsz, info.yaml_path.parent / "images" / "val", export_precision)
-            finally:
-                registry.set_current(version.name)
+        version = registry.add(weights, meta, make_current=accepted)
+        if accepted and export:  # after it is served, so exporting never delays a version; servers switch to it
+            export_version(version, run_plan.imgsz, info.yaml_path.parent / "images" / "val", export_precision)
             version = registry.get(version.name)
         registry.prune(keep_versions)
         log.info("project %s: %s %s (%s)", store.project, version.name, "served" if accepted else "rejected", reason)

@@ -40,7 +40,7 @@ def trained(tmp_path_factory, yolo_config_dir, backbone_weights):
                    "result": to_result(item, names), "cancelled": False})
     outcome = run_training(store, registry, parse_label_config(label_config(names)),
                            lambda record: Path(record["data"]["image"]), backbone_weights,
-                           TrainParams(epochs=12, imgsz=128, time_budget=0, freeze=0), 10, True, 5, export=True)
+                           TrainParams(epochs=8, imgsz=128, time_budget=0, freeze=0), 10, True, 5, export=True)
     return models, registry, outcome, names, [i.image for i in held_out]
 
 
@@ -72,7 +72,7 @@ def test_a_promoted_version_is_exported_in_its_training_job_and_checked(trained)
 def test_the_export_finds_the_boxes_pytorch_finds_on_held_out_images(trained, precision):
     """f32 gives PyTorch's boxes to a hundredth of a pixel; the CPU default (bf16 here) within the export check's
     tolerance (same class, IoU >= 0.8, score within 0.05) for every box a user would see."""
-    from model.export import unmatched
+    from model.export import CHECK_FOUND, unmatched
     from model.images import read_image
     from model.predictor import ModelCache
 
@@ -84,18 +84,20 @@ def test_the_export_finds_the_boxes_pytorch_finds_on_held_out_images(trained, pr
     torch_model = ModelCache(runtime="pytorch").get(version.weights)
     assert (exported.runtime, torch_model.runtime) == ("openvino", "pytorch")
     assert exported.names == torch_model.names
-    compared = 0
+    compared = seen = missed = extra = 0
     for batch in ([images[0]], images[:3], images):  # one image, a same-shape batch, the batch the server would send
         for ours, theirs in zip(rows_of(exported, batch, imgsz), rows_of(torch_model, batch, imgsz)):
             if precision == "f32":
                 assert ours.shape == theirs.shape
                 np.testing.assert_allclose(ours, theirs, atol=0.01)
-            else:
-                seen = theirs[theirs[:, 4] >= 0.25]
-                assert unmatched(seen, ours[ours[:, 4] >= 0.15]) == []
-                assert unmatched(ours[ours[:, 4] >= 0.3], theirs[theirs[:, 4] >= 0.2]) == []
+            else:  # boxes a user would see: found again, and no new ones, but for the export check's allowance
+                shown, ours_shown = theirs[theirs[:, 4] >= 0.25], ours[ours[:, 4] >= 0.25]
+                missed += len(unmatched(shown, ours[ours[:, 4] >= 0.2]))
+                extra += len(unmatched(ours_shown, theirs[theirs[:, 4] >= 0.2]))
+                seen += len(shown)
             compared += len(theirs)
     assert compared > 0, "the tiny model found nothing to compare"
+    assert missed <= (1 - CHECK_FOUND) * seen and extra <= (1 - CHECK_FOUND) * seen, (missed, extra, seen)
 
 
 def predict_body(names: list[str], refs: list[str]) -> dict:
