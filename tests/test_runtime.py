@@ -192,3 +192,16 @@ print(registry.current_name(), registry.current().meta["status"], registry.curre
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1].startswith("v1 current ExportFailed: openvino is not installed")
+
+
+def test_pruning_a_version_deletes_its_export_too(tmp_path, backbone_weights):
+    from model.registry import ProjectRegistry
+    from model.runtime import export_folder
+
+    registry = ProjectRegistry(tmp_path / "models", 1)
+    old = registry.add(backbone_weights, {"labels": ["a"]}, make_current=True)
+    export_folder(old.weights).mkdir()
+    (export_folder(old.weights) / "metadata.yaml").write_text("task: detect\n")
+    registry.add(backbone_weights, {"labels": ["a"]}, make_current=True)
+    assert registry.prune(1) == [old.name]
+    assert not old.weights.exists() and not export_folder(old.weights).exists()
