@@ -122,7 +122,7 @@ def test_predict_serves_the_export_with_the_regions_pytorch_gives(make_client, m
     version = registry.current()
     # Thresholds low enough that a tiny model shows boxes, one of them per label: both runtimes must apply them.
     write_json(version.path / META, {**version.meta, "thresholds": {"default": 0.1, "per_label": {names[0]: 0.2}}})
-    refs = [media.add("upload", path.name, path) for path in held_out]
+    refs = [media.add("public", path.name, path) for path in held_out]
     runtimes, ours = serve(make_client, models, names, refs, predict_runtime="auto", openvino_precision="")
     runtimes_f32, ours_f32 = serve(make_client, models, names, refs, predict_runtime="openvino",
                                    openvino_precision="f32")
@@ -151,7 +151,7 @@ def hidden_openvino(tmp_path: Path) -> str:
 def test_without_openvino_pytorch_serves_an_exported_version_and_forcing_it_refuses_to_start(
         backend_env, media, trained, tmp_path):
     models, registry, _, names, held_out = trained
-    refs = [media.add("upload", path.name, path) for path in held_out[:2]]
+    refs = [media.add("public", path.name, path) for path in held_out[:2]]
     env = {**os.environ, **backend_env(model_dir=str(models), allowed_media_hosts="127.0.0.1"),
            "PYTHONPATH": os.pathsep.join([hidden_openvino(tmp_path), str(REPO)])}
     code = ("import json, sys\nfrom fastapi.testclient import TestClient\nfrom ls_backend.app import create_app\n"
@@ -165,6 +165,7 @@ def test_without_openvino_pytorch_serves_an_exported_version_and_forcing_it_refu
     assert done.returncode == 0, done.stderr[-3000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert answer["status"] == 200 and len(answer["results"]) == 2
+    assert all(r["score"] > 0 for r in answer["results"]), "both images were fetched and predicted"
     assert answer["runtimes"][str(registry.current().weights)] == "pytorch"
 
     forced = subprocess.run([sys.executable, "-c", code, body], env={**env, "PREDICT_RUNTIME": "openvino"}, cwd=REPO,
