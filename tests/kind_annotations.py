@@ -94,3 +94,39 @@ def crops(root: Path, names: list[str], per_class: int, out: Path) -> list[tuple
         if all(c >= per_class for c in counts.values()):
             break
     return found
+
+
+def rotated_box_result(item: SegItem, from_name: str = "label") -> list[dict]:
+    """Each outline's minimum-area rotated rectangle, as Label Studio stores a rotated box (top-left corner, degrees)."""
+    import cv2
+    import numpy as np
+
+    from model.kinds import ls_rectangle
+
+    regions = []
+    for i, (_, points) in enumerate(item.outlines):
+        pixels = np.array([(x * item.width, y * item.height) for x, y in points], dtype=np.float32)
+        (cx, cy), (w, h), angle = cv2.minAreaRect(pixels)
+        box = ls_rectangle(cx, cy, w, h, np.radians(angle))
+        regions.append({"id": f"r{i}", "from_name": from_name, "to_name": "image", "type": "rectanglelabels",
+                        "original_width": item.width, "original_height": item.height, "image_rotation": 0,
+                        "value": {"x": 100 * box["x"] / item.width, "y": 100 * box["y"] / item.height,
+                                  "width": 100 * box["width"] / item.width, "height": 100 * box["height"] / item.height,
+                                  "rotation": box["rotation"], "rectanglelabels": ["pothole"]}})
+    return regions
+
+
+def keypoint_result(item: SegItem, from_name: str = "ends") -> list[dict]:
+    """Each outline's leftmost and rightmost vertex as keypoints 'left' and 'right', inside the outline's box."""
+    regions = []
+    for i, (_, points) in enumerate(item.outlines):
+        xs, ys = [x for x, _ in points], [y for _, y in points]
+        regions.append({"id": f"b{i}", "from_name": "object", "to_name": "image", "type": "rectanglelabels",
+                        "original_width": item.width, "original_height": item.height,
+                        "value": {"x": 100 * min(xs), "y": 100 * min(ys), "width": 100 * (max(xs) - min(xs)),
+                                  "height": 100 * (max(ys) - min(ys)), "rotation": 0, "rectanglelabels": ["pothole"]}})
+        for label, (x, y) in (("left", min(points)), ("right", max(points))):
+            regions.append({"id": f"k{i}{label}", "from_name": from_name, "to_name": "image",
+                            "type": "keypointlabels", "original_width": item.width, "original_height": item.height,
+                            "value": {"x": 100 * x, "y": 100 * y, "width": 1, "keypointlabels": [label]}})
+    return regions

@@ -121,7 +121,7 @@ def test_polygons_and_choices_of_one_config_are_each_learned_and_served(make_cli
     """Ten annotated tasks train a segmentation and a classification model, each in its own folder; predictions carry
     both; a broken classifier leaves the polygons served; corrections are measured per control."""
     train, held = potholes
-    client = make_client(label_studio_url=media.url, label_studio_api_key=TOKEN, train_epochs=8, train_imgsz=128,
+    client = make_client(label_studio_url=media.url, label_studio_api_key=TOKEN, train_epochs=6, train_imgsz=96,
                          predict_conf=0.01)
     names = ["pothole"]
     events = []
@@ -131,7 +131,7 @@ def test_polygons_and_choices_of_one_config_are_each_learned_and_served(make_cli
                             POLY_CHOICE_CONFIG))
     answers = send(client, events)
     assert [a["training"] for a in answers] == [None] * 9 + ["queued"]
-    assert client.app.state.queue.idle(timeout=600)
+    assert client.app.state.queue.idle(timeout=1500)
     status = client.get("/status/1").json()
     assert status["job"]["state"] == "finished", status["job"]
     assert status["versions"] == []  # no box control: the project's own folder holds no model
@@ -219,3 +219,63 @@ def test_choices_alone_single_and_multiple_learn_from_box_crops(backend_env, tmp
                                    backbone_weights, TrainParams(epochs=2, imgsz=64, time_budget=0), 10, True, 3)
         assert second.version.meta["parent"] == "v1" and "held-out tasks" in second.reason
         shutil.rmtree(tmp_path / f"m{multiple}")
+
+
+@pytest.mark.parametrize("kind", ["obb", "pose"])
+def test_rotated_boxes_learn_oriented_boxes_and_keypoints_learn_a_pose_model(backend_env, tmp_path, potholes,
+                                                                            backbone_weights, kind):
+    """Rotated rectangles (each pothole outline's minimum-area rectangle) make the box control an OBB model;
+    keypoints (each outline's two ends, inside its box) make a pose model; both predict their own regions."""
+    from pathlib import Path
+
+    from ls_backend.backend import Backend
+    from ls_backend.controls import control_models
+    from ls_backend.settings import get_settings
+    from model.images import read_image
+    from model.kind_predictor import kind_label_map, predict_kind
+    from model.kind_training import run_kind_training
+    from model.predictor import LoadedModel
+    from model.project_store import ProjectStore
+    from model.trainer import TrainParams
+    from tests.kind_annotations import keypoint_result, rotated_box_result
+    from ultralytics import YOLO
+
+    backend_env(model_dir=str(tmp_path / "models"))
+    train, held = potholes
+    config = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+              '<Label value="pothole"/></RectangleLabels></View>') if kind == "obb" else (
+        '<View><Image name="image" value="$image"/><RectangleLabels name="object" toName="image">'
+        '<Label value="pothole"/></RectangleLabels><KeyPointLabels name="ends" toName="image">'
+        '<Label value="left"/><Label value="right"/></KeyPointLabels></View>')
+    backend = Backend(get_settings())
+    store = ProjectStore(backend.settings.model_dir, 1)
+    for task_id, item in enumerate(train[:10], start=1):
+        result = rotated_box_result(item) if kind == "obb" else keypoint_result(item)
+        store.put({"task_id": task_id, "annotation_id": task_id, "data": {"image": str(item.image)},
+                   "result": result, "cancelled": False})
+    models = control_models(backend, "1", parse_controls(config), store.records())
+    model = models[-1]
+    assert model.task == kind and not model.primary
+    if kind == "pose":
+        assert models[0].primary and models[0].task == "detect"  # the rectangles are still boxes of their own
+    outcome = run_kind_training(store, model.registry, model.control, kind, lambda r: Path(r["data"]["image"]),
+                                backbone_weights, TrainParams(epochs=4, imgsz=128, time_budget=0), 10, True, 3)
+    current = model.registry.current()
+    assert outcome.accepted and current.meta["task"] == kind and current.meta["control"] == model.control.name
+    served = control_models(backend, "1", parse_controls(config))  # without records: read from the registry
+    assert served[-1].task == kind
+    loaded = LoadedModel(YOLO(str(current.weights)))
+    assert loaded.yolo.task == kind
+    if kind == "pose":
+        assert tuple(loaded.yolo.model.kpt_shape) == (2, 3)
+    label_map = kind_label_map(model.control, kind, loaded.names, aliases=False)
+    images = [read_image(item.image) for item in held[:2]]
+    for prediction in predict_kind(loaded, images, model.control, kind, label_map, 128, 0.0, 2):
+        assert 0.0 <= prediction.score <= 1.0
+        for region in prediction.regions:
+            assert region["from_name"] == model.control.name
+            assert region["type"] == ("rectanglelabels" if kind == "obb" else "keypointlabels")
+            if kind == "obb":
+                assert 0 <= region["value"]["rotation"] < 360 and region["value"]["rectanglelabels"] == ["pothole"]
+            else:
+                assert region["value"]["keypointlabels"][0] in ("left", "right")
