@@ -7,7 +7,9 @@ A prediction carries the regions of all of them, and its model_version names eac
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,8 +43,15 @@ class ControlModel:
     primary: bool  # the project's first box control, served and trained by the boxes' own path
 
 
+def control_folder(name: str) -> str:
+    """The control's name as a folder name where it is a safe one; a config's names never reach outside the project."""
+    if re.fullmatch(r"[A-Za-z0-9_][\w.-]{0,99}", name) and ".." not in name:
+        return name
+    return "control-" + hashlib.sha1(name.encode()).hexdigest()[:12]
+
+
 def control_registry(model_dir: Path, project: str, name: str) -> ProjectRegistry:
-    return ProjectRegistry(Path(model_dir) / str(project) / "controls", name)
+    return ProjectRegistry(Path(model_dir) / str(project) / "controls", control_folder(name))
 
 
 def project_registries(backend: Backend, project: str) -> list[ProjectRegistry]:

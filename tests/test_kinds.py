@@ -279,3 +279,13 @@ def test_rotated_boxes_learn_oriented_boxes_and_keypoints_learn_a_pose_model(bac
                 assert 0 <= region["value"]["rotation"] < 360 and region["value"]["rectanglelabels"] == ["pothole"]
             else:
                 assert region["value"]["keypointlabels"][0] in ("left", "right")
+
+
+def test_a_control_name_from_the_config_never_reaches_outside_the_project(tmp_path):
+    from ls_backend.controls import control_folder, control_registry
+
+    assert control_folder("outline") == "outline"
+    for hostile in ("../../etc", "..", "a/b", ".hidden", ""):
+        folder = control_folder(hostile)
+        assert "/" not in folder and not folder.startswith(".")
+        assert control_registry(tmp_path, "1", hostile).root.parent == tmp_path / "1" / "controls"
