@@ -105,8 +105,11 @@ def only_boxes(models: list[ControlModel]) -> bool:
     return len(models) == 1 and models[0].primary
 
 
-def parse_for_project(backend: Backend, project: str, config: str | None = None) -> list[ControlModel]:
-    return control_models(backend, project, parse_controls(config or backend.store(project).info().get("label_config", "")))
+def parse_for_project(backend: Backend, project: str, config: str | None = None,
+                      records: list[dict] | None = None) -> list[ControlModel]:
+    """The project's controls from its stored config (or the one given); records given: as training sees them."""
+    config = config or backend.store(project).info().get("label_config", "")
+    return control_models(backend, project, parse_controls(config), records)
 
 
 def kind_weights(backend: Backend, task: str) -> Path:

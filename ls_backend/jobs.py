@@ -118,7 +118,7 @@ def train_project(project: str, job_id: str | None = None) -> dict:
                 _synced.add(project)
             except LabelStudioError as exc:
                 log.warning("project %s: training on stored annotations only: %s", project, exc)
-        if not only_boxes(parse_for_project(backend, project)):  # several controls, or not boxes: each learns
+        if not only_boxes(parse_for_project(backend, project, records=backend.store(project).records())):  # several controls, or not boxes: each learns
             from .control_training import train_controls
 
             return train_controls(backend, project, resync_requested, status, started)

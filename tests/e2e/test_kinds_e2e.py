@@ -14,7 +14,7 @@ import pytest
 
 from tests.kind_annotations import POLY_CHOICE_CONFIG, choice_result, polygon_result, read_seg, size_choice
 
-from .label_studio import SHARED_DIR, Process
+from .label_studio import REPO_ROOT, SHARED_DIR, Process
 from .test_training_e2e import job_failure, not_errored, poll, status_of
 
 pytestmark = pytest.mark.e2e
@@ -51,7 +51,7 @@ def test_polygons_and_choices_learned_and_pre_annotated(label_studio, start_back
     worker = None
     if mode == "redis":
         worker = Process("worker", [sys.executable, "-m", "ls_backend.worker"], backend.env,
-                         backend.workdir / "worker.log", cwd=backend.workdir)
+                         backend.workdir / "worker.log", cwd=REPO_ROOT)
         processes.append(worker)
     try:
         project = ls.create_project(POLY_CHOICE_CONFIG, title=f"e2e polygons and choices {mode}")["id"]
