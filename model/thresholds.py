@@ -1,12 +1,13 @@
 """Learn which boxes a version should serve: the thresholds that leave a reviewer the fewest boxes to touch."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from .effort import Effort, compare
 from .label_config import Box
-from .policy import MIN_BOXES_PER_CLASS, NEVER, THRESHOLDS, Thresholds
+from .policy import MIN_BOXES_PER_CLASS, NEVER, SERVE_Z, THRESHOLDS, Thresholds
 
 
 @dataclass(frozen=True)
@@ -57,28 +58,41 @@ def effort_at(images: list[HeldOutImage], thresholds: Thresholds, label: str | N
     return total
 
 
+def saving(effort: Effort) -> tuple[int, float]:
+    """Boxes a reviewer saves against drawing all of them (kept minus deleted; a moved box costs what drawing does), and its spread."""
+    return effort.kept - effort.deleted, math.sqrt(effort.kept + effort.deleted)
+
+
 def learn(images: list[HeldOutImage], labels: list[str], default: float) -> tuple[Thresholds, dict]:
-    """One threshold for all labels, then one per label where the held-out images hold enough of its boxes.
+    """The thresholds whose served boxes save a reviewer work with confidence, or NEVER where none do.
 
-    NEVER is a candidate too: when served boxes would cost more to fix than drawing them does, none are served.
-    Ties go to serving, and then to the threshold closest to the default.
+    A threshold is judged by its saving's lower bound (saving - SERVE_Z * spread), not by the saving seen on the few
+    held-out images: there, a threshold that looks best is often lucky, and held-out images without a box of some
+    label say nothing about serving it. No confident saving, nothing served. One threshold for all labels, then each
+    label seen on the held-out images is served at its own threshold (with MIN_BOXES_PER_CLASS boxes) or the shared
+    one, or withheld, by the same bound.
     """
-    candidates = (*THRESHOLDS, NEVER)
+    def bound(t: float, label: str | None = None) -> float:
+        gain, spread = saving(effort_at(images, Thresholds(t, {}), label))
+        return gain - SERVE_Z * spread
 
-    def key(touched: int, t: float) -> tuple:
-        return touched, t == NEVER, abs(t - default)
+    def pick(options, label: str | None = None) -> float:
+        chosen = max(options, key=lambda t: (bound(t, label), -abs(t - default)))
+        return chosen if bound(chosen, label) > 0 else NEVER
 
-    best = min(candidates, key=lambda t: key(effort_at(images, Thresholds(t, {})).touched, t))
-    per_label: dict[str, float] = {}
+    best = pick(THRESHOLDS)
     counts: dict[str, int] = {}
     for image in images:
+        for box in image.truth + image.predicted:
+            counts.setdefault(box.label, 0)
         for box in image.truth:
-            counts[box.label] = counts.get(box.label, 0) + 1
+            counts[box.label] += 1
+    per_label: dict[str, float] = {}
     for label, count in counts.items():
-        if count >= MIN_BOXES_PER_CLASS:
-            chosen = min(candidates, key=lambda t: key(effort_at(images, Thresholds(t, {}), label).touched, t))
-            if chosen != best:
-                per_label[label] = chosen
+        own = count >= MIN_BOXES_PER_CLASS or best == NEVER
+        chosen = pick(THRESHOLDS if own else (best,), label)
+        if chosen != best:
+            per_label[label] = chosen
     thresholds = Thresholds(best, per_label)
     served = effort_at(images, thresholds)
     evidence = {

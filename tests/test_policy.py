@@ -89,6 +89,18 @@ def test_boxes_that_cost_more_than_drawing_are_not_served():
     assert thresholds.default <= 0.6 and evidence["touched"] == 0
 
 
+def test_boxes_are_served_only_on_confident_evidence_of_a_saving():
+    # Held-out images without a box say nothing about serving: none is served.
+    assert learn([HeldOutImage([], []) for _ in range(2)], ["cat"], 0.25)[0].default == NEVER
+    # One right box could be luck (its saving's lower bound is 0); three right boxes are evidence.
+    assert learn([_image([("cat", 0.9, 0)], ["cat"])], ["cat"], 0.25)[0].of("cat") == NEVER
+    assert learn([_image([("cat", 0.9, 0)], ["cat"]) for _ in range(3)], ["cat"], 0.25)[0].of("cat") <= 0.9
+    # A label seen only as false boxes is withheld while the label that pays is served.
+    images = [_image([("cat", 0.9, 0), ("dog", 0.9, 300)], ["cat", "dog"]) for _ in range(4)]
+    thresholds, evidence = learn(images, ["cat", "dog"], 0.25)
+    assert thresholds.of("cat") < NEVER and thresholds.of("dog") == NEVER and evidence["withheld_labels"] == ["dog"]
+
+
 def test_a_label_with_enough_held_out_boxes_gets_its_own_threshold():
     # 'dog' boxes are all false at 0.5; 'cat' boxes right at 0.4. One shared threshold cannot serve both well.
     images = [HeldOutImage(
