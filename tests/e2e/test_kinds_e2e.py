@@ -77,7 +77,7 @@ def test_polygons_and_choices_learned_and_pre_annotated(label_studio, start_back
             job = s.get("job") or {}
             return job.get("state") == "finished" and job.get("accepted"), job
 
-        job = poll(trained, 600, "polygon and choices versions", processes)
+        job = poll(trained, 1500, "polygon and choices versions", processes)
         version = job["version"]
         assert version == "outline-v1+size-v1", job
         status = status_of(backend, project)
@@ -93,7 +93,7 @@ def test_polygons_and_choices_learned_and_pre_annotated(label_studio, start_back
             done = {p["task"] for p in ls.predictions(project) if p.get("model_version") == version}
             return unlabeled <= done, {"missing": sorted(unlabeled - done), "autolabel": s.get("autolabel")}
 
-        poll(pre_annotated, 180, f"{version} predictions on every unlabeled task", processes)
+        poll(pre_annotated, 600, f"{version} predictions on every unlabeled task", processes)
         predictions = [p for p in ls.predictions(project) if p.get("model_version") == version and p["task"] in unlabeled]
         assert len(predictions) == len(unlabeled)
         for prediction in predictions:
