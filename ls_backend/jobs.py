@@ -8,7 +8,8 @@ from pathlib import Path
 
 from model.label_config import ConfigError, parse_label_config
 from model.pipeline import NotEnoughData, run_training, trained_upto
-from model.policy import REFINE_MIN_GAIN, SELF_TRAINING_FROM_ROUND, pseudo_label_quota, usable_pseudo_label
+from model.policy import (REFINE_MIN_GAIN, SELF_TRAINING_FROM_ROUND, Thresholds, every_label_served, pseudo_label_quota,
+                          usable_pseudo_label)
 from model.project_store import annotation_record
 from model.trainer import TrainParams
 
@@ -174,6 +175,11 @@ def pseudo_labels(backend: Backend, project: str, control) -> list[dict]:
     version = registry.current_name()
     client = backend.client(project)
     if not s.self_training or version is None or client is None:
+        return []
+    meta = registry.current().meta
+    if not every_label_served(Thresholds.from_meta(meta, s.predict_conf), meta.get("labels") or []):
+        log.info("project %s: no self-training while %s withholds a label (its objects would be learned as background)",
+                 project, version)
         return []
     quota = pseudo_label_quota(backend.store(project).counts(0)[0])
     chosen: list[dict] = []

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     refine_time_budget: float = 240.0
     refine_rounds: int = 2
     self_training: bool = True
-    train_freeze: int = 0
+    train_freeze: int = -1
     train_batch: int = 4
     accept_only_if_not_worse: bool = True
     keep_versions: int = 5

@@ -14,7 +14,7 @@ from .label_config import RectangleLabelsControl
 from .policy import worse_margin
 from .project_store import ProjectStore
 from .registry import ProjectRegistry, Version
-from .trainer import ProgressFn, TrainParams, checkpoint_model, model_cost, plan, train
+from .trainer import ProgressFn, TrainParams, backbone_layers, checkpoint_model, model_cost, plan, train
 from .validator import evaluate
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
         parent_imgsz = (parent.meta.get("plan") or {}).get("imgsz") if parent_ok and not refined else None
         network = checkpoint_model(start_from)
         run_plan = plan(params, len(info.train), [max(size) for size in info.image_sizes], info.box_sides,
-                        parent_imgsz, model_cost(network))
+                        parent_imgsz, model_cost(network), backbone_layers(network))
         rows = {} if parent_ok else known_rows(control, model_names(network))
         log.info("project %s: training %s on %d train / %d val tasks from %s%s", store.project, run_plan,
                  len(info.train), len(info.val), start_from.name, f", keeping head rows {rows}" if rows else "")

@@ -21,7 +21,7 @@ class TrainParams:
     epochs: int = 0
     imgsz: int = 0
     time_budget: float = 60.0
-    freeze: int = 0
+    freeze: int = -1  # layers kept as pretrained from the input side; negative: the base model's backbone
     batch: int = 4
     device: str = ""
     seed: int = 0
@@ -58,14 +58,22 @@ def model_cost(model) -> float:
     return max(0.25, parameters / policy.REFERENCE_PARAMETERS)
 
 
+def backbone_layers(model) -> int:
+    """How many of the network's first layers are its backbone (as its architecture file says)."""
+    spec = getattr(model, "yaml", None)
+    return len(spec.get("backbone") or []) if isinstance(spec, dict) else 0
+
+
 def plan(params: TrainParams, n_train: int, image_sides: list[int], box_sides: list[float],
-         parent_imgsz: int | None = None, cost: float = 1.0) -> TrainPlan:
+         parent_imgsz: int | None = None, cost: float = 1.0, backbone: int = 0) -> TrainPlan:
     """Adapt epochs and image size to the objects, the data and the time budget (see model/policy.py).
 
     A run that continues a trained version keeps its image size, so objects keep the scale it learned.
     """
     batch = max(1, min(params.batch, n_train))
     epochs = params.epochs if params.epochs > 0 else policy.target_epochs(n_train)
+    freeze = backbone if params.freeze < 0 else params.freeze
+    cost *= policy.FROZEN_BACKBONE_COST if freeze else 1.0
     if params.imgsz > 0:
         imgsz = params.imgsz
     elif parent_imgsz:
@@ -73,7 +81,7 @@ def plan(params: TrainParams, n_train: int, image_sides: list[int], box_sides: l
     else:
         imgsz = policy.choose_imgsz(params.time_budget, n_train, epochs, image_sides, box_sides, compute.cores(),
                                     _gpu(params.device), cost)
-    return TrainPlan(epochs, imgsz, max(0, params.freeze), batch, params.time_budget)
+    return TrainPlan(epochs, imgsz, freeze, batch, params.time_budget)
 
 
 def keep_known_rows(model, base_model, rows: dict[int, int]) -> None:

@@ -219,3 +219,21 @@ def test_the_status_page_says_when_boxes_are_held_back_and_on_how_many_tasks(mak
 def test_the_learning_rate_falls_as_classes_grow():
     assert policy.learning_rate(1) == pytest.approx(0.004)
     assert policy.learning_rate(10) < policy.learning_rate(3) < policy.learning_rate(1)
+
+
+def test_few_shot_runs_keep_the_pretrained_backbone_and_train_the_rest(tmp_path, backend_env, bccd_dataset,
+                                                                       backbone_weights):
+    import torch
+
+    from model.trainer import TrainParams, backbone_layers, checkpoint_model, plan, train
+
+    base = checkpoint_model(backbone_weights)
+    assert backbone_layers(base) == 10
+    chosen = plan(TrainParams(epochs=1, imgsz=64, time_budget=0), 4, [640], [40.0], backbone=backbone_layers(base))
+    assert chosen.freeze == 10
+    assert plan(TrainParams(epochs=1, imgsz=64, time_budget=0, freeze=0), 4, [640], [40.0], backbone=10).freeze == 0
+    weights, _ = train(bccd_dataset, backbone_weights, tmp_path / "run", chosen)
+    trained = checkpoint_model(weights).float()
+    base = base.float()
+    assert torch.equal(trained.model[0].conv.weight, base.model[0].conv.weight)  # the backbone is kept
+    assert not torch.equal(trained.model[-1].cv2[0][0].conv.weight, base.model[-1].cv2[0][0].conv.weight)  # the head learned
