@@ -20,7 +20,7 @@ from .pipeline import NotEnoughData, RunOutcome
 from .policy import worse_margin
 from .project_store import ProjectStore
 from .registry import ProjectRegistry
-from .trainer import ProgressFn, TrainParams, TrainPlan, checkpoint_model, model_cost, plan
+from .trainer import ProgressFn, TrainParams, TrainPlan, backbone_layers, model_cost, plan
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +119,11 @@ def run_kind_training(store: ProjectStore, registry: ProjectRegistry, control, t
         if task == "classify":
             epochs = params.epochs if params.epochs > 0 else policy.target_epochs(len(info.train))
             imgsz = params.imgsz or parent_imgsz or policy.CLASSIFY_IMGSZ
-            run_plan = TrainPlan(epochs, imgsz, max(0, params.freeze), max(1, min(params.batch, len(info.train))),
-                                 params.time_budget)
+            freeze = backbone_layers(model.model) if params.freeze < 0 else params.freeze  # as boxes: TRAIN_FREEZE
+            run_plan = TrainPlan(epochs, imgsz, freeze, max(1, min(params.batch, len(info.train))), params.time_budget)
         else:
             run_plan = plan(params, len(info.train), [max(size) for size in info.image_sizes], info.box_sides,
-                            parent_imgsz, model_cost(model.model))
+                            parent_imgsz, model_cost(model.model), backbone_layers(model.model))
         data = info.yaml_path
         log.info("project %s control %s (%s): training %s on %d train / %d val tasks from %s", store.project,
                  control.name, task, run_plan, len(info.train), len(info.val),
