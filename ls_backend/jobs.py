@@ -14,6 +14,7 @@ from model.project_store import annotation_record
 from model.trainer import TrainParams
 
 from .backend import Backend
+from .controls import any_trained, composite_version, only_boxes, parse_for_project, predict_controls
 from .job_status import job_updater
 from .ls_client import LabelStudioError
 from .settings import get_settings
@@ -71,14 +72,15 @@ def resync(backend: Backend, project: str) -> int:
     return len(records)
 
 
-def next_run(backend: Backend, project: str, resync_requested: bool) -> tuple[str, float, int] | None:
+def next_run(backend: Backend, project: str, resync_requested: bool,
+             registry=None) -> tuple[str, float, int] | None:
     """What run is worth doing now: an update for new annotations, else idle refinement rounds, else none.
 
     Refinement rounds go on while nobody labels, each judged by the not-worse gate, until REFINE_ROUNDS are done
     or a round is rejected or gains less than REFINE_MIN_GAIN over the version it continued.
     """
     s = backend.settings
-    registry = backend.registry(project)
+    registry = registry or backend.registry(project)  # a control's own registry (ls_backend.controls)
     _, changed = backend.store(project).counts(since=trained_upto(registry))
     current = registry.current()
     if resync_requested:
@@ -117,6 +119,10 @@ def train_project(project: str, job_id: str | None = None) -> dict:
                 _synced.add(project)
             except LabelStudioError as exc:
                 log.warning("project %s: training on stored annotations only: %s", project, exc)
+        if not only_boxes(parse_for_project(backend, project, records=backend.store(project).records())):  # several controls, or not boxes: each learns
+            from .control_training import train_controls
+
+            return train_controls(backend, project, resync_requested, status, started)
         run = next_run(backend, project, resync_requested)
         if run is None:
             raise NotEnoughData("nothing new to learn: no annotation changed since the served version")
@@ -227,7 +233,8 @@ def autolabel_project(project: str, progress_bar: bool = False, job_id: str | No
 
     backend = get_backend()
     s = backend.settings
-    version = backend.registry(project).current_name()
+    models = parse_for_project(backend, project)
+    version = composite_version(backend, project, models) if any_trained(backend, project) else None
     status = job_updater(s.model_dir, project, "autolabel", job_id)
     if version is None:
         return status(state="skipped", reason="no trained version yet")
@@ -237,14 +244,13 @@ def autolabel_project(project: str, progress_bar: bool = False, job_id: str | No
         client = backend.client(project)
         if client is None:
             raise LabelStudioError("no Label Studio URL known: set LABEL_STUDIO_URL")
-        control = parse_label_config(backend.store(project).info().get("label_config", ""))
         todo = [t for t in client.iter_tasks(project) if not _labeled(t) and not _predicted_by(t, version)]
         done = failed = 0
         state = "finished"
         with tqdm(total=len(todo), desc=f"project {project} {version}", unit="task", disable=not progress_bar) as bar:
             for start in range(0, len(todo), max(1, s.predict_batch)):
                 batch = todo[start:start + s.predict_batch]
-                used, results, broken = backend.predict_tasks(project, control, batch)
+                used, results, broken = predict_controls(backend, project, models, batch)
                 if used != version:
                     state = "superseded"
                     break
@@ -259,7 +265,7 @@ def autolabel_project(project: str, progress_bar: bool = False, job_id: str | No
     except Exception as exc:
         status(state="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         raise
-    reason = f"{backend.registry(project).current_name()} replaced {version}" if state == "superseded" else None
+    reason = f"{composite_version(backend, project, models)} replaced {version}" if state == "superseded" else None
     return status(state=state, reason=reason, done=done, failed=failed, total=len(todo), finished=time.time())
 
 

@@ -27,6 +27,10 @@ class Settings(BaseSettings):
 
     base_model: str = "yolo11n.pt"
     train_base_model: str | None = None
+    segment_base_model: str = ""  # "" seeds each kind's model from TRAIN_BASE_MODEL's backbone (offline)
+    classify_base_model: str = ""
+    pose_base_model: str = ""
+    obb_base_model: str = ""
     device: str = ""
     predict_imgsz: int = 640
     predict_conf: float = 0.25
@@ -118,6 +122,10 @@ class Settings(BaseSettings):
     @property
     def train_base(self) -> str:
         return self.train_base_model or self.base_model
+
+    def kind_base(self, task: str) -> str:
+        """The weights a polygon, choices, keypoint or rotated-box model starts from: its own setting, else the boxes'."""
+        return getattr(self, f"{task}_base_model", "") or self.train_base
 
     @property
     def media_hosts(self) -> list[str]:

@@ -152,3 +152,9 @@ def usable_pseudo_label(prediction: dict) -> bool:
     """A served prediction confident enough to train on: boxes to learn, and none the model was unsure about."""
     scores = [region.get("score") or 0.0 for region in prediction.get("result") or []]
     return bool(scores) and min(scores) >= PSEUDO_MIN_BOX_SCORE
+
+
+# -- polygons, choices, keypoints, rotated boxes ----------------------------------------------------------------------
+CLASSIFY_IMGSZ = 224  # Ultralytics' classification size: a whole image answers one question, fine detail is not needed
+MULTI_CHOICE_MIN = 0.3  # with choice="multiple", every class at least this probable is chosen (the top one always)
+KEYPOINT_MIN_VISIBILITY = 0.5  # a predicted keypoint is shown only when the model thinks it is this likely visible
