@@ -1,6 +1,6 @@
 """Speed and memory of the backend on this machine: webhook acknowledgement, batch prediction, peak RSS.
 
-    python bench/speed.py [--events 200] [--batch 64] [--redis-url redis://127.0.0.1:6379/11]
+    python bench/speed.py [--events 200] [--batch 64] [--redis-url redis://127.0.0.1:6379/11] [--sections ...]
 
 1. Webhook acknowledgement latency of ANNOTATION_CREATED events, sent one after another over a keep-alive
    session: in-process queue with MIN_ANNOTATIONS so high that nothing trains, then with RQ (MIN_ANNOTATIONS=10,
@@ -10,6 +10,11 @@
 3. Peak RSS (VmHWM) of the server after those predictions against a plain Python process that imports
    Ultralytics, loads the same weights and predicts the two images once (target: server <= plain + 100 MiB).
 4. Peak memory of an RQ worker (`--burst`) and its forked work-horse during one training job on 10 bccd images.
+5. Runtimes (`--sections plain runtimes` alone): the person detector exported to OpenVINO as a training job
+   exports a promoted version, then per image, interleaved call by call on the same weights, image and size: a
+   direct Ultralytics PyTorch call, /predict served by PyTorch (PREDICT_RUNTIME=pytorch) and /predict served by the
+   export; each server's peak RSS after a --batch-task /predict; and the held-out mAP50 of a version trained on
+   bccd by the product's own training run, predicted by PyTorch and by the export.
 
 The Redis database (--redis-url) is flushed before and after. Results: bench/results/speed.json.
 """
@@ -20,12 +25,15 @@ import json
 import math
 import os
 import platform
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import requests
 
 from common import (SHARED, LabelStudioStandIn, Process, annotation_event, backend_env, print_table, start_server,
@@ -309,6 +317,195 @@ def training_memory(work: Path, ls: LabelStudioStandIn, args) -> dict:
             "job_error": state.get("error") or state.get("reason")}
 
 
+def exported_copy(work: Path, weights: Path, imgsz: int, check: list[Path]) -> Path:
+    """A copy of the weights with its OpenVINO export beside it, as a training job leaves a promoted version."""
+    from model.export import export_openvino
+    from model.images import read_image
+
+    folder = work / "weights"
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / weights.name
+    shutil.copyfile(weights, copy)
+    export_openvino(copy, imgsz, [read_image(p) for p in check])
+    return copy
+
+
+def matched(gt: np.ndarray, pred: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """For each predicted row, whether it is a true positive at each IoU threshold (Ultralytics' greedy matching)."""
+    correct = np.zeros((len(pred), len(thresholds)), dtype=bool)
+    if not len(gt) or not len(pred):
+        return correct
+    lt = np.maximum(gt[:, None, 1:3], pred[None, :, :2])
+    rb = np.minimum(gt[:, None, 3:5], pred[None, :, 2:4])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_gt = np.prod(gt[:, 3:5] - gt[:, 1:3], axis=1)
+    area_pred = np.prod(pred[:, 2:4] - pred[:, :2], axis=1)
+    iou = inter / (area_gt[:, None] + area_pred[None, :] - inter + 1e-9)
+    iou *= gt[:, None, 0] == pred[None, :, 5]
+    for k, t in enumerate(thresholds):
+        pairs = np.array(np.nonzero(iou >= t)).T
+        if len(pairs):
+            pairs = pairs[iou[pairs[:, 0], pairs[:, 1]].argsort()[::-1]]
+            pairs = pairs[np.unique(pairs[:, 1], return_index=True)[1]]
+            pairs = pairs[np.unique(pairs[:, 0], return_index=True)[1]]
+            correct[pairs[:, 1], k] = True
+    return correct
+
+
+def held_out_map(predict, items, names: list[str]) -> dict:
+    """mAP50 and mAP50-95 of predict(image) -> rows (x1, y1, x2, y2, score, class), with Ultralytics' AP code."""
+    from ultralytics.utils.metrics import ap_per_class
+
+    from model.images import read_image
+
+    thresholds = np.linspace(0.5, 0.95, 10)
+    tps, confs, classes, targets = [], [], [], []
+    for item in items:
+        image = read_image(item.image)
+        h, w = image.shape[:2]
+        gt = np.array([[c, x1 * w, y1 * h, x2 * w, y2 * h] for c, x1, y1, x2, y2 in item.rows]).reshape(-1, 5)
+        rows = predict(image)
+        tps.append(matched(gt, rows, thresholds))
+        confs.append(rows[:, 4])
+        classes.append(rows[:, 5])
+        targets.append(gt[:, 0])
+    result = ap_per_class(np.concatenate(tps), np.concatenate(confs), np.concatenate(classes),
+                          np.concatenate(targets), names=dict(enumerate(names)))
+    ap = result[5]
+    return {"map50": float(ap[:, 0].mean()), "map50_95": float(ap.mean()), "images": len(items)}
+
+
+def trained_version(work: Path, args) -> tuple[Path, int, list, list[str]]:
+    """A version trained on bccd by the product's own training run (export on), and the held-out items."""
+    from model.label_config import parse_label_config
+    from model.pipeline import run_training
+    from model.project_store import ProjectStore
+    from model.registry import ProjectRegistry
+    from model.trainer import TrainParams
+
+    dataset = args.dataset.resolve()
+    names = class_names(dataset)
+    items = read_dataset(dataset)
+    train = [i for i in items if i.split == "train"][:args.map_train]
+    held_out = [i for i in items if i.split != "train"][:args.map_held_out]
+    store, registry = ProjectStore(work / "models", 1), ProjectRegistry(work / "models", 1)
+    for task_id, item in enumerate(train, start=1):
+        store.put({"task_id": task_id, "annotation_id": task_id, "data": {"image": str(item.image)},
+                   "result": to_result(item, names), "cancelled": False})
+    outcome = run_training(store, registry, parse_label_config(label_config(names)),
+                           lambda record: Path(record["data"]["image"]), SHARED / "weights" / "yolov5nu-coco-backbone.pt",
+                           TrainParams(time_budget=args.map_train_budget), 2, True, 5, export=True)
+    export = outcome.version.meta.get("export") or {}
+    if "error" in export or not outcome.accepted:
+        raise RuntimeError(f"the bench version was not exported: {outcome.reason} {export}")
+    return outcome.version.weights, outcome.version.meta["plan"]["imgsz"], held_out, names
+
+
+def runtimes(work: Path, ls: LabelStudioStandIn, args) -> dict:
+    """Direct Ultralytics PyTorch calls, /predict with PyTorch and /predict with the OpenVINO export, interleaved
+    image by image on the same weights and size; then each server's peak RSS after a batch; then held-out mAP50."""
+    from ultralytics import YOLO
+
+    from model.predictor import CANDIDATE_CONF
+    from model.runtime import ExportedDetector, export_folder
+
+    assets = Path(__import__("ultralytics").ASSETS)
+    weights = exported_copy(work, SHARED / "weights" / "person-fall-yolov8s.pt", IMGSZ,
+                            [assets / n for n in IMAGES])
+    refs = {name: ls.upload(3, assets / name) for name in IMAGES}
+    servers, urls, pids = {}, {}, {}
+    out: dict = {"imgsz": IMGSZ, "weights": weights.name}
+    try:
+        for runtime in ("pytorch", "openvino"):
+            env = backend_env(work / f"models-{runtime}", ls.url, min_annotations=100_000, predict_imgsz=IMGSZ,
+                              predict_conf=CONF, base_model=str(weights), predict_runtime=runtime,
+                              openvino_precision=args.openvino_precision)
+            servers[runtime], urls[runtime] = start_server(env, work / f"server-{runtime}.log")
+            pids[runtime] = servers[runtime].proc.pid
+            wait_loaded(urls[runtime])
+            health = requests.get(f"{urls[runtime]}/health", timeout=5).json()
+            assert health["model_runtimes"] == {str(weights): runtime}, health
+            out[f"{runtime}_vmhwm_loaded_mib"] = proc_kib(pids[runtime], "VmHWM")["VmHWM"] / MIB
+        http = requests.Session()
+        for url in urls.values():
+            http.post(f"{url}/setup", json={"project": 3, "schema": PERSON_CONFIG}, timeout=30).raise_for_status()
+
+        def one(runtime: str, name: str) -> tuple[float, list]:
+            body = {"tasks": [{"id": 1, "data": {"image": refs[name]}}], "project": 3, "label_config": PERSON_CONFIG}
+            started = time.perf_counter()
+            response = http.post(f"{urls[runtime]}/predict", json=body, timeout=600)
+            seconds = time.perf_counter() - started
+            response.raise_for_status()
+            return seconds, response.json()["results"][0]["result"]
+
+        model = YOLO(str(weights))
+        images = {name: str(assets / name) for name in IMAGES}
+
+        def direct(name: str) -> tuple[float, list]:
+            started = time.perf_counter()
+            found = model.predict(images[name], imgsz=IMGSZ, conf=CONF, verbose=False)[0]
+            return time.perf_counter() - started, found.boxes.data.cpu().numpy()
+
+        paths = {"direct": direct, "pytorch": lambda n: one("pytorch", n), "openvino": lambda n: one("openvino", n)}
+        for _ in range(2):  # warm-up: first-call allocations, media cache, compiled shapes
+            for name in IMAGES:
+                for fn in paths.values():
+                    fn(name)
+        times: dict[str, list[float]] = {k: [] for k in paths}
+        boxes: dict[str, dict] = {k: {} for k in paths}
+        for _ in range(args.runtime_runs):  # interleaved, so contention from other processes hits all three alike
+            for name in IMAGES:
+                for key, fn in paths.items():
+                    seconds, found = fn(name)
+                    times[key].append(seconds)
+                    boxes[key][name] = len(found)
+        tasks = [{"id": 1000 + i, "data": {"image": refs[IMAGES[i % 2]]}} for i in range(args.batch)]
+        for runtime, url in urls.items():
+            started = time.perf_counter()
+            response = http.post(f"{url}/predict", json={"tasks": tasks, "project": 3, "label_config": PERSON_CONFIG},
+                                 timeout=900)
+            response.raise_for_status()
+            out[f"{runtime}_batch_s"] = time.perf_counter() - started
+            fields = proc_kib(pids[runtime], "VmHWM", "VmRSS")
+            out[f"{runtime}_vmhwm_mib"], out[f"{runtime}_vmrss_mib"] = fields["VmHWM"] / MIB, fields["VmRSS"] / MIB
+            out[f"{runtime}_torch_imported"] = "torch" in Path(f"/proc/{pids[runtime]}/maps").read_text()
+    except Exception:
+        for runtime in servers:
+            print(tail(work / f"server-{runtime}.log"), file=sys.stderr)
+        raise
+    finally:
+        for server in servers.values():
+            server.stop()
+    for key, values in times.items():
+        out[f"{key}_ms"] = 1000 * statistics.median(values)
+        out[f"{key}_all_ms"] = [round(1000 * v, 1) for v in values]
+        out[f"{key}_boxes"] = boxes[key]
+    for key in ("pytorch", "openvino"):
+        out[f"{key}_ratio"] = out[f"{key}_ms"] / out["direct_ms"]
+        # the same ratio per interleaved round: robust to a neighbour's load that comes and goes
+        pairs = [a / b for a, b in zip(times[key], times["direct"])]
+        out[f"{key}_ratio_median_of_pairs"] = statistics.median(pairs)
+
+    print(f"[{time.strftime('%H:%M:%S')}] held-out mAP50 ...", flush=True)
+    print("partial results in", write_results("speed-runtimes-partial", out), flush=True)
+    version, imgsz, held_out, names = trained_version(work / "map", args)
+    torch_model = YOLO(str(version), task="detect")
+    exported = ExportedDetector(export_folder(version), args.openvino_precision)
+    conf = 0.001  # as a validation run: the whole precision-recall curve
+    out["map"] = {
+        "dataset": args.dataset.name, "imgsz": imgsz, "precision": exported.precision,
+        "pytorch": held_out_map(lambda im: torch_model.predict(im, imgsz=imgsz, conf=conf, verbose=False)[0]
+                                .boxes.data.cpu().numpy(), held_out, names),
+        "openvino": held_out_map(lambda im: exported.predict([im], imgsz, conf)[0], held_out, names),
+        "candidate_conf_served": CANDIDATE_CONF}
+    out["map"]["map50_difference"] = out["map"]["openvino"]["map50"] - out["map"]["pytorch"]["map50"]
+    if out["map"]["pytorch"]["map50"] < 0.1:
+        print(f"NOTE: the bench version scores mAP50 {out['map']['pytorch']['map50']:.3f}: too weak for the "
+              "comparison to mean much; give it more --map-train-budget", flush=True)
+    out["openvino_precision"] = exported.precision
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=200, help="timed webhook events per queue mode")
@@ -319,7 +516,17 @@ def main() -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/11")
     parser.add_argument("--dataset", type=Path, default=SHARED / "datasets" / "bccd")
     parser.add_argument("--train-deadline", type=float, default=900)
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
+                        help="what to measure (all by default); 'plain' is the memory reference of every section")
+    parser.add_argument("--runtime-runs", type=int, default=10,
+                        help="interleaved rounds of single-image calls per path in 'runtimes' (two images each)")
+    parser.add_argument("--openvino-precision", default="", choices=["", "f32", "bf16"],
+                        help="OPENVINO_PRECISION of the exported server ('' = OpenVINO's default for the CPU)")
+    parser.add_argument("--map-train", type=int, default=20, help="bccd training images of the mAP50 version")
+    parser.add_argument("--map-held-out", type=int, default=60, help="held-out bccd images the mAP50 is taken on")
+    parser.add_argument("--map-train-budget", type=float, default=60, help="training seconds of the mAP50 version")
     args = parser.parse_args()
+    sections = [name for name in SECTIONS if name in set(args.sections) | {"plain"}]
 
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
         work = Path(tmp)
@@ -328,60 +535,107 @@ def main() -> None:
         # Offline Ultralytics for the direct calls in this process; each backend run prepares its own config dir.
         prepare_ultralytics(work / "ultralytics", allow_downloads=False)
         results = {}
-        for name, run in (("in-process", lambda w, ls: in_process(w, ls, args)),
-                          ("rq", lambda w, ls: ack_rq(w, ls, args)),
-                          ("plain", lambda w, ls: plain_memory(w)),
-                          ("training", lambda w, ls: training_memory(w, ls, args))):
+        for name in sections:
             sub = work / name
             sub.mkdir()
             ls = LabelStudioStandIn(sub / "ls")
             try:
                 print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-                results[name] = run(sub, ls)
+                results[name] = SECTIONS[name](sub, ls, args)
             finally:
                 ls.close()
 
-    ack_in, throughput, server_memory = results["in-process"]
-    ack_rq_, plain, training = results["rq"], results["plain"], results["training"]
-    print()
-    print_table(["webhook ack", "queue", "events", "p50 ms", "p99 ms", "max ms", "training field"],
-                [["in-process, MIN_ANNOTATIONS=100000", "in-process", ack_in["events"], ack_in["p50_ms"],
-                  ack_in["p99_ms"], ack_in["max_ms"], json.dumps(ack_in["training_outcomes"])],
-                 ["RQ db 11, MIN_ANNOTATIONS=10, no worker", "rq", ack_rq_["events"], ack_rq_["p50_ms"],
-                  ack_rq_["p99_ms"], ack_rq_["max_ms"], json.dumps(ack_rq_["training_outcomes"])]])
-    print()
-    print_table([f"{args.batch} images", "seconds", "images/s"],
-                [["one /predict request (LS media path)", throughput["server_request_s"],
-                  throughput["server_images_per_s"]],
-                 [f"{args.batch} direct single-image Ultralytics calls", throughput["direct_calls_s"],
-                  throughput["direct_images_per_s"]]])
-    print()
+    plain = results["plain"]
     target = plain["vmhwm_mib"] + 100
-    print_table(["peak memory", "MiB", "note"],
-                [["server VmHWM after predictions", server_memory["server_vmhwm_mib"],
-                  "target <= plain + 100 = %.0f: %s" % (target, "met" if server_memory["server_vmhwm_mib"] <= target
-                                                         else "NOT met")],
-                 ["plain Python: import, load, predict 2 images", plain["vmhwm_mib"], ""],
-                 ["RQ worker + forks, max VmHWM of one process", training["peak_vmhwm_mib"],
-                  json.dumps({k: round(v) for k, v in training["peak_vmhwm_by_role_mib"].items()})],
-                 ["RQ worker + forks, max summed RSS", training["peak_tree_rss_sum_mib"], "shared pages counted twice"],
-                 ["RQ worker + forks, max summed PSS", training["peak_tree_pss_sum_mib"],
-                  f"job {training['job_state']} {training['job_run']} {training['version']} "
-                  f"in {training['worker_seconds']} s"]])
+    payload: dict = {"memory": {"plain": plain, "target_mib": target}}
+    memory_rows = []
+    if "in-process" in results:
+        ack_in, throughput, server_memory = results["in-process"]
+        payload["webhook_ack"] = {"in_process": ack_in}
+        payload["throughput"] = throughput
+        payload["memory"].update(server=server_memory, target_met=server_memory["server_vmhwm_mib"] <= target)
+        memory_rows.append(["server VmHWM after predictions", server_memory["server_vmhwm_mib"],
+                            "target <= plain + 100 = %.0f: %s" % (target, "met" if server_memory["server_vmhwm_mib"]
+                                                                   <= target else "NOT met")])
+        print()
+        print_table([f"{args.batch} images", "seconds", "images/s"],
+                    [["one /predict request (LS media path)", throughput["server_request_s"],
+                      throughput["server_images_per_s"]],
+                     [f"{args.batch} direct single-image Ultralytics calls", throughput["direct_calls_s"],
+                      throughput["direct_images_per_s"]]])
+    if "in-process" in results and "rq" in results:
+        ack_rq_ = results["rq"]
+        payload["webhook_ack"]["rq"] = ack_rq_
+        print()
+        print_table(["webhook ack", "queue", "events", "p50 ms", "p99 ms", "max ms", "training field"],
+                    [["in-process, MIN_ANNOTATIONS=100000", "in-process", ack_in["events"], ack_in["p50_ms"],
+                      ack_in["p99_ms"], ack_in["max_ms"], json.dumps(ack_in["training_outcomes"])],
+                     ["RQ, MIN_ANNOTATIONS=10, no worker", "rq", ack_rq_["events"], ack_rq_["p50_ms"],
+                      ack_rq_["p99_ms"], ack_rq_["max_ms"], json.dumps(ack_rq_["training_outcomes"])]])
+    memory_rows.append(["plain Python: import, load, predict 2 images", plain["vmhwm_mib"], ""])
+    if "training" in results:
+        training = results["training"]
+        payload["memory"]["training"] = training
+        memory_rows += [["RQ worker + forks, max VmHWM of one process", training["peak_vmhwm_mib"],
+                         json.dumps({k: round(v) for k, v in training["peak_vmhwm_by_role_mib"].items()})],
+                        ["RQ worker + forks, max summed RSS", training["peak_tree_rss_sum_mib"],
+                         "shared pages counted twice"],
+                        ["RQ worker + forks, max summed PSS", training["peak_tree_pss_sum_mib"],
+                         f"job {training['job_state']} {training['job_run']} {training['version']} "
+                         f"in {training['worker_seconds']} s"]]
+    if "runtimes" in results:
+        rt = payload["runtimes"] = results["runtimes"]
+        for key in ("pytorch", "openvino"):
+            rt[f"{key}_target_met"] = rt[f"{key}_vmhwm_mib"] <= target
+            memory_rows.append([f"server VmHWM, {key} serving, after a {args.batch}-task /predict",
+                                rt[f"{key}_vmhwm_mib"], "target <= %.0f: %s; torch loaded: %s" % (
+                                    target, "met" if rt[f"{key}_target_met"] else "NOT met",
+                                    rt[f"{key}_torch_imported"])])
+        print()
+        print(f"per image, median of {2 * args.runtime_runs} interleaved calls, imgsz {rt['imgsz']}, "
+              f"{rt['weights']}; OpenVINO precision {rt['openvino_precision']}")
+        print_table(["path", "ms/image", "ratio to direct", "ratio, median of pairs", "boxes bus/zidane",
+                     f"{args.batch}-task /predict s", "peak RSS MiB"],
+                    [["direct Ultralytics PyTorch call", rt["direct_ms"], 1.0, 1.0,
+                      "/".join(str(rt["direct_boxes"][n]) for n in IMAGES), "", ""]]
+                    + [[f"/predict, {key}", rt[f"{key}_ms"], rt[f"{key}_ratio"], rt[f"{key}_ratio_median_of_pairs"],
+                        "/".join(str(rt[f"{key}_boxes"][n]) for n in IMAGES), rt[f"{key}_batch_s"],
+                        rt[f"{key}_vmhwm_mib"]] for key in ("pytorch", "openvino")])
+        m = rt["map"]
+        print()
+        print_table([f"held-out mAP ({m['pytorch']['images']} {m['dataset']} images, imgsz {m['imgsz']})", "mAP50",
+                     "mAP50-95"],
+                    [[key, m[key]["map50"], m[key]["map50_95"]] for key in ("pytorch", "openvino")]
+                    + [["openvino - pytorch", m["map50_difference"],
+                        m["openvino"]["map50_95"] - m["pytorch"]["map50_95"]]])
+    print()
+    print_table(["peak memory", "MiB", "note"], memory_rows)
     import torch
     import ultralytics
 
-    payload = {"webhook_ack": {"in_process": ack_in, "rq": ack_rq_}, "throughput": throughput,
-               "memory": {"server": server_memory, "plain": plain, "target_mib": target,
-                          "target_met": server_memory["server_vmhwm_mib"] <= target, "training": training},
-               "settings": {"imgsz": IMGSZ, "conf": CONF, "batch": args.batch, "events": args.events,
-                            "warmup_events": args.warmup, "repeats": args.repeats, "redis_url": args.redis_url,
-                            "base_model": "person-fall-yolov8s.pt", "train_base_model": "yolov5nu-coco-backbone.pt",
-                            "dataset": str(args.dataset)},
-               "env": {"python": platform.python_version(), "torch": torch.__version__,
-                       "ultralytics": ultralytics.__version__, "cuda": torch.cuda.is_available(),
-                       "cpus": os.cpu_count(), "machine": platform.machine()}}
-    print("wrote", write_results("speed", payload))
+    payload["settings"] = {"imgsz": IMGSZ, "conf": CONF, "batch": args.batch, "events": args.events,
+                           "warmup_events": args.warmup, "repeats": args.repeats, "redis_url": args.redis_url,
+                           "base_model": "person-fall-yolov8s.pt", "train_base_model": "yolov5nu-coco-backbone.pt",
+                           "dataset": str(args.dataset), "sections": sections, "runtime_runs": args.runtime_runs,
+                           "load_average_at_end": os.getloadavg()}
+    payload["env"] = {"python": platform.python_version(), "torch": torch.__version__,
+                      "ultralytics": ultralytics.__version__, "cuda": torch.cuda.is_available(),
+                      "cpus": os.cpu_count(), "machine": platform.machine()}
+    try:
+        import openvino
+
+        payload["env"]["openvino"] = openvino.__version__
+    except ImportError:
+        payload["env"]["openvino"] = None
+    print("wrote", write_results("speed" if set(sections) == set(SECTIONS) else "speed-" + "-".join(sections),
+                                 payload))
+
+
+SECTIONS = {"in-process": lambda w, ls, args: in_process(w, ls, args),
+            "rq": lambda w, ls, args: ack_rq(w, ls, args),
+            "plain": lambda w, ls, args: plain_memory(w),
+            "training": lambda w, ls, args: training_memory(w, ls, args),
+            "runtimes": lambda w, ls, args: runtimes(w, ls, args)}
 
 
 if __name__ == "__main__":

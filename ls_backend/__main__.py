@@ -71,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="run the HTTP server (the default)")
     versions = sub.add_parser("versions", help="list a project's model versions")
     versions.add_argument("--project", required=True, type=project_arg)
+    versions.add_argument("--control", help="a control's name (polygons, choices, ...); default: the box model")
     rollback = sub.add_parser("rollback", help="serve an earlier version of a project's model")
     rollback.add_argument("--project", required=True, type=project_arg)
     rollback.add_argument("--version", help="e.g. v3; default: the version before the current one")
+    rollback.add_argument("--control", help="a control's name (polygons, choices, ...); default: the box model")
     train = sub.add_parser("train", help="train a project now, in this process, from its stored annotations")
     train.add_argument("--project", required=True, type=project_arg)
     autolabel = sub.add_parser("autolabel", help="predict every unlabeled task with the served version and store it in Label Studio")
@@ -84,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     from model.registry import ProjectRegistry
 
     registry = ProjectRegistry(get_settings().model_dir, args.project)
+    if getattr(args, "control", None):
+        from .controls import control_registry
+
+        registry = control_registry(get_settings().model_dir, args.project, args.control)
     if args.command == "versions":
         current = registry.current_name()
         for v in registry.versions():

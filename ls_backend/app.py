@@ -16,11 +16,14 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from model.label_config import ConfigError, parse_label_config
+from model.kinds import parse_controls
+from model.label_config import ConfigError
 from model.weights import WeightsUnavailable
 
 from . import metrics, report
 from .backend import Backend
+from .controls import (any_trained, composite_version, control_models, parse_for_project, predict_controls,
+                       project_registries)
 from .events import handle_event, remember_config
 from .job_context import JobContext, set_backend
 from .jobs import autolabel_project, train_project
@@ -75,6 +78,7 @@ async def health(request: Request) -> dict:
         "base_model": state.backend.settings.base_model,
         "base_model_error": state.backend.base_error,
         "models_loaded": state.backend.models.loaded(),
+        "model_runtimes": state.backend.models.runtimes(),
         "waiting_for_queue": sorted(f"{kind}:{project}" for kind, project in state.scheduler.pending),
     }
 
@@ -82,11 +86,12 @@ async def health(request: Request) -> dict:
 @router.post("/setup")
 def setup(body: SetupRequest, request: Request) -> dict:
     backend = request.app.state.backend
-    parse_label_config(body.config)
+    parse_controls(body.config)
     remember_config(backend, body.project, body.config, **setup_connection(body.hostname, body.access_token))
     if request.app.state.webhook_auth is not None:
         request.app.state.webhook_auth.ensure(body.project, request.headers.get("host", ""))
-    return {"model_version": backend.model_version(body.project)}
+    models = control_models(backend, body.project, parse_controls(body.config))
+    return {"model_version": composite_version(backend, body.project, models)}
 
 
 @router.post("/predict")
@@ -96,8 +101,8 @@ def predict(body: PredictRequest, request: Request):
     if len(body.tasks) > limit:
         return error(413, f"{len(body.tasks)} tasks in one /predict, more than MAX_PREDICT_TASKS={limit}: retrieve "
                           f"predictions for fewer tasks at a time, or pre-annotate all with POST /autolabel/<project>")
-    control = parse_label_config(body.label_config or backend.store(body.project).info().get("label_config", ""))
-    version, results, _ = backend.predict_tasks(body.project, control, [task.as_sent() for task in body.tasks])
+    models = parse_for_project(backend, body.project, body.label_config)
+    version, results, _ = predict_controls(backend, body.project, models, [task.as_sent() for task in body.tasks])
     metrics.PREDICTED_TASKS.inc(len(body.tasks))
     return {"results": results, "model_version": version}
 
@@ -133,6 +138,7 @@ def status(project: ProjectId, request: Request) -> dict:
         "job": queue.status(project),
         "autolabel": queue.status(project, "autolabel"),
         "versions": [v.meta for v in backend.registry(project).versions()],
+        "controls": {r.project: [v.meta for v in r.versions()] for r in project_registries(backend, project)[1:]},
     }
 
 
@@ -153,7 +159,7 @@ def project_plot(project: ProjectId, request: Request) -> Response:
 @router.post("/autolabel/{project}")
 def autolabel(project: ProjectId, request: Request):
     """Pre-annotate every unlabeled task with the served version (protect it with BASIC_AUTH_*)."""
-    if not request.app.state.backend.registry(project).current_name():
+    if not any_trained(request.app.state.backend, project):
         return error(409, f"project {project} has no trained version yet")
     return {"project": project, "autolabel": request.app.state.scheduler.request(project, "autolabel")}
 

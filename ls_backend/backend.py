@@ -9,6 +9,7 @@ from model.images import set_max_pixels
 from model.policy import Thresholds
 from model.project_store import ProjectStore
 from model.registry import ProjectRegistry
+from model.runtime import available as runtime_unavailable
 from model.workspace import Workspace, projects
 from model.weights import WeightsUnavailable, resolve_weights
 from model.yolo_env import prepare_ultralytics
@@ -30,6 +31,9 @@ class Backend:
         settings.model_dir.mkdir(parents=True, exist_ok=True)
         prepare_ultralytics(settings.ultralytics_dir, settings.allow_downloads)
         set_max_pixels(settings.max_image_pixels)
+        if settings.predict_runtime == "openvino" and (reason := runtime_unavailable()):
+            raise RuntimeError(f"PREDICT_RUNTIME=openvino, but {reason}: "
+                               "pip install the version in requirements.txt, or set PREDICT_RUNTIME=auto")
         self.predictions = PredictionService(self)
         self.models = self.predictions.models  # what /health lists
         self.predict_tasks = self.predictions.predict_tasks  # what /predict and auto-labeling call
@@ -96,8 +100,13 @@ class Backend:
         return resolve_weights(self.settings.train_base, self.settings.model_dir / "_weights", self.settings.allow_downloads)
 
     def warm_up(self) -> None:
-        """Import Ultralytics now (torch's first import is not thread-safe), then load the base model in the background."""
-        import ultralytics  # noqa: F401
+        """Import Ultralytics now (torch's first import is not thread-safe), then load the base model in the background.
+
+        A local base model with an OpenVINO export is served without torch, so torch is not imported for it.
+        """
+        local = Path(self.settings.base_model).expanduser()
+        if not (local.is_file() and self.models.uses_export(local)):
+            import ultralytics  # noqa: F401
 
         def load() -> None:
             try:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import logging
 
-from model.label_config import ConfigError, parse_label_config
+from model.kinds import parse_controls
+from model.label_config import ConfigError, RectangleLabelsControl
 from model.effort import compare
 from model.project_store import ProjectStore, annotation_record
 
 from .backend import Backend
+from .controls import any_trained, measure_controls
 from .scheduler import Scheduler
 from .schemas import AnnotationEvent, AnnotationsDeleted, Event
 
@@ -21,8 +23,9 @@ def remember_config(backend: Backend, project: str, config: str | None, **extra)
     store = backend.store(project)
     if store.info().get("label_config") != config:
         try:
-            labels = parse_label_config(config).labels
-            log.info("project %s: label config now has labels %s", project, list(labels))
+            controls = parse_controls(config)
+            log.info("project %s: label config now has %s", project,
+                     {c.name: list(c.labels) for c in controls})
         except ConfigError as exc:
             log.warning("project %s: label config cannot be served: %s", project, exc)
     store.update_info(label_config=config, **extra)
@@ -33,10 +36,17 @@ def measure_effort(store: ProjectStore, record: dict) -> None:
     predicted = store.prediction(record["task_id"])
     if not predicted:
         return
+    config = store.info().get("label_config", "")
     try:
-        control = parse_label_config(store.info().get("label_config", ""))
+        controls = parse_controls(config)
     except ConfigError:
         return
+    if len(controls) != 1 or not isinstance(controls[0], RectangleLabelsControl):
+        effort = measure_controls(store, record, config)  # every control's corrections, summed
+        if effort is not None:
+            store.put_effort(record["task_id"], effort)
+        return
+    control = controls[0]
     ours, _ = control.from_result(predicted["result"])
     theirs, _ = control.from_result(record["result"])
     effort = compare(ours, theirs)
@@ -63,7 +73,7 @@ def handle_event(backend: Backend, scheduler: Scheduler, event: Event) -> dict:
         ids = {a.id for a in event.annotations}
         removed = store.delete_annotations(ids)
         log.info("project %s: forgot %d of %d deleted annotations", project, removed, len(ids))
-    elif event.action == "TASKS_CREATED" and backend.registry(project).current_name():
+    elif event.action == "TASKS_CREATED" and any_trained(backend, project):
         training = scheduler.autolabel(project)
     elif event.action == "START_TRAINING":
         backend.sync.request_resync(project)  # the job then exports everything once more

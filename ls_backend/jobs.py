@@ -6,11 +6,13 @@ import time
 
 from model.label_config import ConfigError, parse_label_config
 from model.pipeline import NotEnoughData, run_training, trained_upto
-from model.policy import REFINE_MIN_GAIN, SELF_TRAINING_FROM_ROUND, pseudo_label_quota, usable_pseudo_label
+from model.policy import (REFINE_MIN_GAIN, SELF_TRAINING_FROM_ROUND, Thresholds, every_label_served, pseudo_label_quota,
+                          usable_pseudo_label)
 from model.project_store import annotation_record
 from model.trainer import TrainParams
 
 from .backend import Backend
+from .controls import any_trained, composite_version, only_boxes, parse_for_project, predict_controls
 from .job_context import JobContext, context_from_settings, get_backend, rq_queue, set_backend  # noqa: F401
 from .job_status import job_updater
 from .ls_client import LabelStudioError
@@ -45,14 +47,15 @@ def resync(backend: Backend, project: str) -> int:
     return len(records)
 
 
-def next_run(backend: Backend, project: str, resync_requested: bool) -> tuple[str, float, int] | None:
+def next_run(backend: Backend, project: str, resync_requested: bool,
+             registry=None) -> tuple[str, float, int] | None:
     """What run is worth doing now: an update for new annotations, else idle refinement rounds, else none.
 
     Refinement rounds go on while nobody labels, each judged by the not-worse gate, until REFINE_ROUNDS are done
     or a round is rejected or gains less than REFINE_MIN_GAIN over the version it continued.
     """
     s = backend.settings
-    registry = backend.registry(project)
+    registry = registry or backend.registry(project)  # a control's own registry (ls_backend.controls)
     _, changed = backend.store(project).counts(since=trained_upto(registry))
     current = registry.current()
     if resync_requested:
@@ -101,6 +104,10 @@ def train_project(project: str, job_id: str | None = None, context: JobContext |
     status(state="running", started=started, progress=None, error=None, reason=None)
     try:
         resync_requested = sync_from_label_studio(backend, project)
+        if not only_boxes(parse_for_project(backend, project, records=backend.store(project).records())):  # several controls, or not boxes: each learns
+            from .control_training import train_controls
+
+            return train_controls(backend, project, resync_requested, status, started, context.scheduler)
         run = next_run(backend, project, resync_requested)
         if run is None:
             raise NotEnoughData("nothing new to learn: no annotation changed since the served version")
@@ -119,7 +126,8 @@ def train_project(project: str, job_id: str | None = None, context: JobContext |
                                lambda record: fetcher.fetch(record["data"].get(control.value_key)),
                                backend.train_base_weights(), params, s.min_annotations, s.accept_only_if_not_worse,
                                s.keep_versions, progress, refined=kind != "update", default_conf=s.predict_conf,
-                               refine_round=refine_round, pseudo=pseudo)
+                               refine_round=refine_round, pseudo=pseudo, export=s.exports_versions,
+                               export_precision=s.openvino_precision)
     except (NotEnoughData, ConfigError) as exc:
         status(state="skipped", reason=str(exc), finished=time.time())
         return {"state": "skipped", "reason": str(exc)}
@@ -153,6 +161,11 @@ def pseudo_labels(backend: Backend, project: str, control) -> list[dict]:
     version = registry.current_name()
     client = backend.client(project)
     if not s.self_training or version is None or client is None:
+        return []
+    meta = registry.current().meta
+    if not every_label_served(Thresholds.from_meta(meta, s.predict_conf), meta.get("labels") or []):
+        log.info("project %s: no self-training while %s withholds a label (its objects would be learned as background)",
+                 project, version)
         return []
     quota = pseudo_label_quota(backend.store(project).counts(0)[0])
     chosen: list[dict] = []
@@ -206,7 +219,8 @@ def autolabel_project(project: str, progress_bar: bool = False, job_id: str | No
 
     backend = (context or context_from_settings()).backend
     s = backend.settings
-    version = backend.registry(project).current_name()
+    models = parse_for_project(backend, project)
+    version = composite_version(backend, project, models) if any_trained(backend, project) else None
     status = job_updater(s.model_dir, project, "autolabel", job_id)
     if version is None:
         return status(state="skipped", reason="no trained version yet")
@@ -216,14 +230,13 @@ def autolabel_project(project: str, progress_bar: bool = False, job_id: str | No
         client = backend.client(project)
         if client is None:
             raise LabelStudioError("no Label Studio URL known: set LABEL_STUDIO_URL")
-        control = parse_label_config(backend.store(project).info().get("label_config", ""))
         todo = [t for t in client.iter_tasks(project) if not _labeled(t) and not _predicted_by(t, version)]
         done = failed = 0
         state = "finished"
         with tqdm(total=len(todo), desc=f"project {project} {version}", unit="task", disable=not progress_bar) as bar:
             for start in range(0, len(todo), max(1, s.predict_batch)):
                 batch = todo[start:start + s.predict_batch]
-                used, results, broken = backend.predict_tasks(project, control, batch)
+                used, results, broken = predict_controls(backend, project, models, batch)
                 if used != version:
                     state = "superseded"
                     break
@@ -238,7 +251,7 @@ def autolabel_project(project: str, progress_bar: bool = False, job_id: str | No
     except Exception as exc:
         status(state="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         raise
-    reason = f"{backend.registry(project).current_name()} replaced {version}" if state == "superseded" else None
+    reason = f"{composite_version(backend, project, models)} replaced {version}" if state == "superseded" else None
     return status(state=state, reason=reason, done=done, failed=failed, total=len(todo), finished=time.time())
 
 

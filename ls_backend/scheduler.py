@@ -4,9 +4,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from model.pipeline import trained_upto
-
 from .backend import Backend
+from .controls import any_trained, project_trained_upto
 from .job_status import pending_requests, write_status
 from .queues import JobQueue
 
@@ -48,9 +47,8 @@ class Scheduler:
     def due(self, project: str) -> bool:
         """First training at MIN_ANNOTATIONS labeled tasks, then after every RETRAIN_EVERY changed ones."""
         s = self.backend.settings
-        registry = self.backend.registry(project)
-        total, changed = self.backend.store(project).counts(since=trained_upto(registry))
-        if not registry.versions():
+        total, changed = self.backend.store(project).counts(since=project_trained_upto(self.backend, project))
+        if not any_trained(self.backend, project):  # no control of the project has a version yet
             return total >= s.min_annotations
         return changed >= max(1, s.retrain_every)
 

@@ -35,7 +35,8 @@ class PredictionService:
 
     def __init__(self, backend: Backend):
         self.backend = backend
-        self.models = ModelCache(device=backend.settings.device)
+        s = backend.settings
+        self.models = ModelCache(device=s.device, runtime=s.predict_runtime, precision=s.openvino_precision)
         self.io_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="media")
 
     def fetch_images(self, project: str, control: RectangleLabelsControl, tasks: list[dict]) -> list:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,10 +29,19 @@ class Settings(BaseSettings):
 
     base_model: str = "yolo11n.pt"
     train_base_model: str | None = None
+    segment_base_model: str = ""  # "" seeds each kind's model from TRAIN_BASE_MODEL's backbone (offline)
+    classify_base_model: str = ""
+    pose_base_model: str = ""
+    obb_base_model: str = ""
     device: str = ""
     predict_imgsz: int = 640
     predict_conf: float = 0.25
     predict_batch: int = 4
+    # auto: a version's OpenVINO export (made by its training job) predicts when present and importable, else
+    # PyTorch; openvino: the same, and the server refuses to start without the openvino package; pytorch: never.
+    predict_runtime: Literal["auto", "openvino", "pytorch"] = "auto"
+    # "": OpenVINO's default for the CPU (bf16 where the CPU computes it natively, else f32); f32: PyTorch's boxes exactly.
+    openvino_precision: Literal["", "f32", "bf16"] = ""
     max_image_pixels: int = 50_000_000
 
     label_studio_url: str = ""
@@ -100,6 +110,11 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def exports_versions(self) -> bool:
+        """Training jobs export promoted versions to OpenVINO when a CPU server would predict with the export."""
+        return self.predict_runtime != "pytorch" and self.device in ("", "cpu")
+
+    @property
     def media_cache(self) -> Path:
         return (self.cache_dir or self.model_dir / "_cache") / "media"
 
@@ -110,6 +125,10 @@ class Settings(BaseSettings):
     @property
     def train_base(self) -> str:
         return self.train_base_model or self.base_model
+
+    def kind_base(self, task: str) -> str:
+        """The weights a polygon, choices, keypoint or rotated-box model starts from: its own setting, else the boxes'."""
+        return getattr(self, f"{task}_base_model", "") or self.train_base
 
     @property
     def media_hosts(self) -> list[str]:

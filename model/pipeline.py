@@ -10,6 +10,7 @@ from typing import Callable
 
 from . import thresholds
 from .dataset import build_dataset
+from .export import export_version
 from .label_config import RectangleLabelsControl
 from .policy import worse_margin
 from .project_store import ProjectStore
@@ -57,11 +58,12 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
                  fetch: Callable[[dict], Path], base_weights: Path, params: TrainParams, min_annotations: int,
                  accept_only_if_not_worse: bool, keep_versions: int, progress: ProgressFn | None = None,
                  refined: bool = False, default_conf: float = 0.25, refine_round: int = 0,
-                 pseudo: list[dict] | None = None) -> RunOutcome:
+                 pseudo: list[dict] | None = None, export: bool = False, export_precision: str = "") -> RunOutcome:
     """Train a new version from every stored annotation, warm-starting from the served one.
 
     pseudo: unlabeled tasks with the served version's confident boxes as their result, trained on but never
-    held out, so every version is still judged on human labels only.
+    held out, so every version is still judged on human labels only. export: a promoted version is then exported
+    to OpenVINO (model.export), checked against PyTorch on its held-out images; a failed export only logs.
     """
     started = time.time()
     annotation_files = list(store.annotations_dir.glob("*.json")) if store.annotations_dir.is_dir() else []
@@ -132,6 +134,9 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
             "status": "rejected",
         }
         version = registry.add(weights, meta, make_current=accepted)
+        if accepted and export:  # after it is served, so exporting never delays a version; servers switch to it
+            export_version(version, run_plan.imgsz, info.yaml_path.parent / "images" / "val", export_precision)
+            version = registry.get(version.name)
         registry.prune(keep_versions)
         log.info("project %s: %s %s (%s)", store.project, version.name, "served" if accepted else "rejected", reason)
         return RunOutcome(version, accepted, reason, scores.as_dict(), gain)

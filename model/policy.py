@@ -139,7 +139,22 @@ def pseudo_label_quota(labeled: int) -> int:
     return min(PSEUDO_MAX_IMAGES, PSEUDO_PER_LABELED * labeled)
 
 
+def every_label_served(thresholds: Thresholds, labels: list[str]) -> bool:
+    """Pseudo-labels teach that whatever they leave out is background: sound only while no label is withheld.
+
+    Seen in the bench: bccd k=10, WBC and Platelets withheld, 30 RBC-only pseudo-labeled images went into the served
+    version, whose mAP50 was 0.54 against 0.51 for the first version before any refinement.
+    """
+    return all(thresholds.of(label) < NEVER for label in labels)
+
+
 def usable_pseudo_label(prediction: dict) -> bool:
     """A served prediction confident enough to train on: boxes to learn, and none the model was unsure about."""
     scores = [region.get("score") or 0.0 for region in prediction.get("result") or []]
     return bool(scores) and min(scores) >= PSEUDO_MIN_BOX_SCORE
+
+
+# -- polygons, choices, keypoints, rotated boxes ----------------------------------------------------------------------
+CLASSIFY_IMGSZ = 224  # Ultralytics' classification size: a whole image answers one question, fine detail is not needed
+MULTI_CHOICE_MIN = 0.3  # with choice="multiple", every class at least this probable is chosen (the top one always)
+KEYPOINT_MIN_VISIBILITY = 0.5  # a predicted keypoint is shown only when the model thinks it is this likely visible

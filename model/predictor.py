@@ -1,6 +1,7 @@
 """Load each model once per process and predict images in batches, one caller per model at a time."""
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -10,6 +11,9 @@ import numpy as np
 
 from .label_config import Box
 from .policy import Thresholds
+from .runtime import ExportedDetector, RuntimeUnavailable, export_folder, is_exported
+
+log = logging.getLogger(__name__)
 
 # Candidates below the display threshold still tell how unsure the model is about an image.
 CANDIDATE_CONF = 0.05
@@ -40,24 +44,31 @@ class LoadedModel:
 
     yolo: object
     lock: threading.Lock = field(default_factory=threading.Lock)
+    exported: ExportedDetector | None = None  # set when the version's OpenVINO export serves instead of PyTorch
 
     @property
     def names(self) -> dict[int, str]:
-        return self.yolo.names
+        return self.exported.names if self.exported is not None else self.yolo.names
+
+    @property
+    def runtime(self) -> str:
+        return "openvino" if self.exported is not None else "pytorch"
 
 
 class ModelCache:
     """A small LRU of loaded YOLO models keyed by weights path and modification time."""
 
-    def __init__(self, size: int = 4, device: str = ""):
+    def __init__(self, size: int = 4, device: str = "", runtime: str = "auto", precision: str = ""):
         self.size = size
         self.device = device
-        self._models: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
+        self.runtime = runtime  # auto | openvino: a version's OpenVINO export when present; pytorch: never
+        self.precision = precision
+        self._models: OrderedDict[tuple[str, int, bool], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
-        self._loading: dict[tuple[str, int], threading.Lock] = {}
+        self._loading: dict[tuple[str, int, bool], threading.Lock] = {}
 
     def get(self, weights: Path) -> LoadedModel:
-        key = (str(weights), weights.stat().st_mtime_ns)
+        key = (str(weights), weights.stat().st_mtime_ns, self.uses_export(weights))
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
@@ -67,19 +78,49 @@ class ModelCache:
             with self._lock:
                 if key in self._models:
                     return self._models[key]
-            from ultralytics import YOLO
-
-            model = LoadedModel(YOLO(str(weights), task="detect"))
+            model = self._load(weights, exported=key[2])
             with self._lock:
+                for stale in [k for k in self._models if k[0] == key[0]]:  # older weights or runtime of this path
+                    del self._models[stale]
                 self._models[key] = model
                 self._loading.pop(key, None)
                 while len(self._models) > self.size:
                     self._models.popitem(last=False)
             return model
 
+    def uses_export(self, weights: Path) -> bool:
+        """Whether these weights are served from their OpenVINO export: on CPU, unless PREDICT_RUNTIME=pytorch."""
+        return self.runtime != "pytorch" and self.device in ("", "cpu") and is_exported(weights)
+
+    def _load(self, weights: Path, exported: bool) -> LoadedModel:
+        if exported:
+            try:
+                return LoadedModel(None, exported=ExportedDetector(export_folder(weights), self.precision))
+            except (RuntimeUnavailable, RuntimeError, OSError, ValueError) as exc:  # OpenVINO raises RuntimeError
+                log.warning("%s: serving with PyTorch, its OpenVINO export does not load: %s", weights, exc)
+        from ultralytics import YOLO
+
+        return LoadedModel(YOLO(str(weights), task="detect"))
+
     def loaded(self) -> list[str]:
         with self._lock:
-            return [path for path, _ in self._models]
+            return [key[0] for key in self._models]
+
+    def runtimes(self) -> dict[str, str]:
+        """Each loaded weights file and the runtime that predicts with it (openvino or pytorch)."""
+        with self._lock:
+            return {key[0]: model.runtime for key, model in self._models.items()}
+
+
+def on_gpu(device: str) -> bool:
+    """Whether PyTorch predicts on a GPU: DEVICE names one, or is empty and torch sees CUDA."""
+    if device.lower() == "cpu":
+        return False
+    if device:
+        return True
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def predict(model: LoadedModel, images: list[np.ndarray], label_map: dict[int, str], imgsz: int,
@@ -90,10 +131,17 @@ def predict(model: LoadedModel, images: list[np.ndarray], label_map: dict[int, s
     if device:
         kwargs["device"] = device
     for start in range(0, len(images), max(1, batch)):
+        chunk = images[start:start + batch]
         with model.lock:
-            results = model.yolo.predict(images[start:start + batch], **kwargs)
-        for result in results:
-            data = result.boxes.data.cpu().numpy() if result.boxes is not None else np.zeros((0, 6))
+            if model.exported is not None:
+                found = model.exported.predict(chunk, imgsz, CANDIDATE_CONF)
+            else:
+                # PyTorch on a CPU: one image per forward pass. A batch of four 640 px images raised the server's
+                # peak by ~200 MiB and saved no time (bench/speed.py); a GPU gets the whole chunk at once.
+                parts = [chunk] if on_gpu(device) else [[image] for image in chunk]
+                found = [r.boxes.data.cpu().numpy() if r.boxes is not None else np.zeros((0, 6))
+                         for part in parts for r in model.yolo.predict(part, **kwargs)]
+        for data in found:
             boxes, candidates = [], []
             for x1, y1, x2, y2, score, cls in data[:, :6]:
                 label = label_map.get(int(cls))

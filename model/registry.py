@@ -143,6 +143,7 @@ class ProjectRegistry:
         removed = []
         for version in with_weights[: max(0, len(with_weights) - max(keep - 1, 0))]:
             version.weights.unlink(missing_ok=True)
+            shutil.rmtree(version.path / f"{Path(WEIGHTS).stem}_openvino_model", ignore_errors=True)  # model.runtime
             write_json(version.path / META, {**version.meta, "status": "pruned", "was": version.meta.get("status")})
             removed.append(version.name)
         return removed

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from model.dataset import build_dataset, is_held_out
 from model.label_config import parse_label_config
-from model.policy import PSEUDO_MIN_BOX_SCORE, pseudo_label_quota, usable_pseudo_label
+from model.policy import NEVER, PSEUDO_MIN_BOX_SCORE, pseudo_label_quota, usable_pseudo_label
 from model.yolo_import import class_names, label_config, read_dataset, to_result
 from tests.conftest import TOKEN, shared_file
 from tests.test_autolabel import CONFIG, NAMES
@@ -56,6 +56,10 @@ def test_unlabeled_tasks_are_pseudo_labeled_by_the_served_version(make_client, m
         if task_id in chosen:
             assert chosen[task_id]["result"] == prediction["result"]
     assert 6 in chosen  # the person detector is sure of the people on bus.jpg
+    # A version that withholds a label would teach its objects as background: no pseudo-labels from it.
+    backend.registry("1").add(person_weights, {"labels": NAMES, "thresholds": {"default": 0.25, "per_label": {
+        NAMES[-1]: NEVER}}}, make_current=True)
+    assert pseudo_labels(backend, "1", control) == []
 
 
 def test_pseudo_labeled_tasks_are_trained_on_but_never_held_out(backend_env, tmp_path, backbone_weights):

@@ -33,8 +33,8 @@ def test_setup_with_recorded_payload_returns_a_model_version(make_client):
 
 
 @pytest.mark.parametrize("schema, missing", [
-    ('<View><Image name="image" value="$image"/><Choices name="c" toName="image"><Choice value="a"/></Choices></View>',
-     "RectangleLabels"),
+    ('<View><Image name="image" value="$image"/><Text name="t" value="$t"/><Choices name="c" toName="t">'
+     '<Choice value="a"/></Choices></View>', "RectangleLabels"),  # choices about a text: nothing of ours to learn
     ('<View><Text name="t" value="$text"/><RectangleLabels name="l" toName="t"><Label value="a"/></RectangleLabels></View>',
      "Image"),
     ('<View><Image name="image" value="$image"/><RectangleLabels name="l" toName="image"></RectangleLabels></View>',
