@@ -23,7 +23,7 @@ from model.label_config import ConfigError, RectangleLabelsControl
 from model.pipeline import trained_upto
 from model.predictor import predict
 from model.registry import ProjectRegistry
-from model.weights import WeightsUnavailable, resolve_weights
+from model.weights import resolve_weights
 
 if TYPE_CHECKING:
     from model.project_store import ProjectStore

@@ -61,18 +61,27 @@ class Effort:
 def compare(predicted: list[Box], final: list[Box]) -> Effort:
     """Match boxes greedily by IoU, then classify every prediction and every final box once."""
     pairs = sorted(((iou(p, f), i, j) for i, p in enumerate(predicted) for j, f in enumerate(final)), reverse=True)
+    return match_greedily(pairs, predicted, final, MATCH_IOU, KEEP_IOU)
+
+
+def match_greedily(pairs, predicted: list, final: list, match: float, keep: float,
+                   higher_is_closer: bool = True) -> Effort:
+    """Pair regions closest first (pairs: closeness, predicted index, final index, sorted closest first) and count.
+
+    Closeness is an overlap (higher is closer; the pair's IoU is summed) or a distance (lower is closer).
+    """
     used_p, used_f, effort = set(), set(), Effort()
-    for overlap, i, j in pairs:
-        if overlap < MATCH_IOU:
+    for closeness, i, j in pairs:
+        if (closeness < match) if higher_is_closer else (closeness > match):
             break
         if i in used_p or j in used_f:
             continue
         used_p.add(i)
         used_f.add(j)
-        effort.iou_sum += overlap
+        effort.iou_sum += closeness if higher_is_closer else 0.0
         if predicted[i].label != final[j].label:
             effort.relabelled += 1
-        elif overlap < KEEP_IOU:
+        elif (closeness < keep) if higher_is_closer else (closeness > keep):
             effort.moved += 1
         else:
             effort.kept += 1

@@ -16,7 +16,7 @@ import yaml
 
 from .dataset import DatasetInfo, _region_size, is_held_out
 from .images import probe, write_upright
-from .kinds import ChoicesControl, KeyPointLabelsControl, PolygonLabelsControl, rotated_corners
+from .kinds import KeyPointLabelsControl, rotated_corners
 from .label_config import RectangleLabelsControl
 
 log = logging.getLogger(__name__)

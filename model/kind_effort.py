@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from .effort import KEEP_IOU, MATCH_IOU, Effort, compare
+from .effort import KEEP_IOU, MATCH_IOU, Effort, compare, match_greedily
 from .kinds import ChoicesControl, Keypoint, KeyPointLabelsControl, Polygon, PolygonLabelsControl, polygon_iou
 
 KEYPOINT_KEEP = 0.02  # share of the image diagonal a point may move and still count as kept
@@ -17,7 +17,7 @@ KEYPOINT_MATCH = 0.1  # farther than this share, a final point is a new one and 
 def compare_polygons(predicted: list[Polygon], final: list[Polygon]) -> Effort:
     pairs = sorted(((polygon_iou(p, f), i, j) for i, p in enumerate(predicted) for j, f in enumerate(final)),
                    reverse=True)
-    return _greedy(pairs, predicted, final, MATCH_IOU, KEEP_IOU, higher_is_closer=True)
+    return match_greedily(pairs, predicted, final, MATCH_IOU, KEEP_IOU, higher_is_closer=True)
 
 
 def compare_choices(predicted: list[str], final: list[str]) -> Effort:
@@ -35,28 +35,7 @@ def compare_keypoints(predicted: list[Keypoint], final: list[Keypoint], width: f
     diagonal = math.hypot(width, height) or 1.0
     pairs = sorted(((math.hypot(p.x - f.x, p.y - f.y) / diagonal, i, j)
                     for i, p in enumerate(predicted) for j, f in enumerate(final)))
-    return _greedy(pairs, predicted, final, KEYPOINT_MATCH, KEYPOINT_KEEP, higher_is_closer=False)
-
-
-def _greedy(pairs, predicted, final, match: float, keep: float, higher_is_closer: bool) -> Effort:
-    used_p, used_f, effort = set(), set(), Effort()
-    for closeness, i, j in pairs:
-        if (closeness < match) if higher_is_closer else (closeness > match):
-            break
-        if i in used_p or j in used_f:
-            continue
-        used_p.add(i)
-        used_f.add(j)
-        effort.iou_sum += closeness if higher_is_closer else 0.0
-        if predicted[i].label != final[j].label:
-            effort.relabelled += 1
-        elif (closeness < keep) if higher_is_closer else (closeness > keep):
-            effort.moved += 1
-        else:
-            effort.kept += 1
-    effort.deleted = len(predicted) - len(used_p)
-    effort.added = len(final) - len(used_f)
-    return effort
+    return match_greedily(pairs, predicted, final, KEYPOINT_MATCH, KEYPOINT_KEEP, higher_is_closer=False)
 
 
 def _size(result: list[dict]) -> tuple[float, float]:

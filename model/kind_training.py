@@ -16,8 +16,7 @@ from . import compute, policy
 from .dataset import DatasetInfo
 from .heads import seeded_model
 from .kind_dataset import build_kind_dataset
-from .pipeline import NotEnoughData, RunOutcome
-from .policy import worse_margin
+from .pipeline import NotEnoughData, RunOutcome, judge
 from .project_store import ProjectStore
 from .registry import ProjectRegistry
 from .trainer import ProgressFn, TrainParams, TrainPlan, backbone_layers, model_cost, plan
@@ -131,20 +130,9 @@ def run_kind_training(store: ProjectStore, registry: ProjectRegistry, control, t
         weights, seconds = _train(model, data, task, work / "train", run_plan, classes, params.device, params.seed,
                                   progress)
         scores = evaluate_kind(weights, data, task, run_plan.imgsz, work, params.device, len(info.val))
-        accepted, reason, parent_scores, gain = True, "first trained version", None, None
-        if parent_ok:
-            if list(parent.meta.get("labels", [])) != info.names:
-                reason = "the label set changed, so the previous version cannot be compared"
-            else:
-                parent_scores = evaluate_kind(parent.weights, data, task, run_plan.imgsz, work, params.device,
-                                              len(info.val))
-                gain = scores.fitness - parent_scores.fitness
-                margin = worse_margin(len(info.val))
-                better = gain >= -margin
-                accepted = better or not accept_only_if_not_worse
-                reason = (f"fitness {scores.fitness:.4f} vs {parent.name} {parent_scores.fitness:.4f} on the same "
-                          f"{len(info.val)} held-out tasks (served unless lower by more than {margin:.3f})"
-                          + ("" if better else ": worse"))
+        accepted, reason, parent_scores, gain = judge(
+            parent if parent_ok else None, info.names, scores.fitness, len(info.val), accept_only_if_not_worse,
+            lambda: evaluate_kind(parent.weights, data, task, run_plan.imgsz, work, params.device, len(info.val)))
         meta = {
             "control": control.name, "task": task, "parent": parent.name if parent_ok else None,
             "base_weights": str(parent.weights if parent_ok else base_weights), "annotations": labeled,

@@ -6,7 +6,7 @@ One class per control tag, as Label Studio's own ML examples do. Boxes keep thei
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 from xml.etree.ElementTree import Element
 
@@ -14,7 +14,7 @@ import numpy as np
 from defusedxml import ElementTree
 from defusedxml.common import DefusedXmlException
 
-from .label_config import ConfigError, RectangleLabelsControl, _attr
+from .label_config import ConfigError, ImageControl, RectangleLabelsControl, _attr
 
 MAX_POLYGON_POINTS = 64  # a predicted outline is simplified until it has at most this many vertices
 POLYGON_TOLERANCE = 0.004  # ... and never by more than this share of the outline's length
@@ -40,22 +40,12 @@ class Keypoint:
 
 
 @dataclass(frozen=True)
-class LabelsControl:
-    """What every labeling control of an image has: its name, its image, its labels and their base-model aliases."""
-
-    name: str
-    to_name: str
-    value_key: str
-    labels: tuple[str, ...]
-    predicted_values: dict[str, tuple[str, ...]] = field(default_factory=dict)
+class LabelsControl(ImageControl):
+    """A control learned by a YOLO task other than detection: its tag, its task and the type of its regions."""
 
     tag: ClassVar[str] = ""
     task: ClassVar[str] = ""
     result_type: ClassVar[str] = ""
-
-    def model_label_map(self, model_names: dict[int, str], aliases: bool = True) -> dict[int, str]:
-        """Map a model's class indices to our labels by name, case-insensitively; predicted_values only for a base model."""
-        return RectangleLabelsControl.model_label_map(self, model_names, aliases)  # type: ignore[arg-type]
 
     def _regions(self, result: list[dict]) -> list[dict]:
         return [r for r in result or [] if r.get("from_name") == self.name

@@ -26,8 +26,8 @@ class Box:
 
 
 @dataclass(frozen=True)
-class RectangleLabelsControl:
-    """The RectangleLabels control tag: converts between Label Studio regions and pixel boxes."""
+class ImageControl:
+    """What every labeling control of an image has: its name, its image, its labels and their base-model aliases."""
 
     name: str
     to_name: str
@@ -42,6 +42,11 @@ class RectangleLabelsControl:
             for alias in (self.predicted_values.get(label) if aliases else None) or (label,):
                 wanted.setdefault(alias.strip().lower(), label)
         return {i: wanted[n.lower()] for i, n in model_names.items() if n.lower() in wanted}
+
+
+@dataclass(frozen=True)
+class RectangleLabelsControl(ImageControl):
+    """The RectangleLabels control tag: converts between Label Studio regions and pixel boxes."""
 
     def to_region(self, box: Box, width: int, height: int) -> dict:
         """A Label Studio rectangle region in percent of the image."""

@@ -6,7 +6,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from . import thresholds
 from .dataset import build_dataset
@@ -19,6 +19,7 @@ from .trainer import ProgressFn, TrainParams, backbone_layers, checkpoint_model,
 from .validator import evaluate
 
 log = logging.getLogger(__name__)
+S = TypeVar("S")  # a validator's scores (boxes or another kind): what the gate compares is their fitness
 
 
 class NotEnoughData(RuntimeError):
@@ -52,6 +53,22 @@ def known_rows(control: RectangleLabelsControl, base_names: dict[int, str]) -> d
 def model_names(model) -> dict[int, str]:
     names = getattr(model, "names", None) or {}
     return dict(enumerate(names)) if isinstance(names, list) else dict(names)
+
+
+def judge(parent: Version | None, names: list[str], fitness: float, held_out: int, only_if_not_worse: bool,
+          score_parent: Callable[[], S]) -> tuple[bool, str, S | None, float | None]:
+    """Whether a new version replaces the served one: not worse on the same held-out tasks beyond their noise."""
+    if parent is None:
+        return True, "first trained version", None, None
+    if list(parent.meta.get("labels", [])) != names:
+        return True, "the label set changed, so the previous version cannot be compared", None, None
+    parent_scores = score_parent()
+    gain = fitness - parent_scores.fitness
+    margin = worse_margin(held_out)
+    better = gain >= -margin
+    reason = (f"fitness {fitness:.4f} vs {parent.name} {parent_scores.fitness:.4f} on the same {held_out} held-out "
+              f"tasks (served unless lower by more than {margin:.3f})" + ("" if better else ": worse"))
+    return better or not only_if_not_worse, reason, parent_scores, gain
 
 
 def run_training(store: ProjectStore, registry: ProjectRegistry, control: RectangleLabelsControl,
@@ -94,19 +111,9 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
         scores = evaluate(weights, info.yaml_path, run_plan.imgsz, work, params.device, len(info.val))
         held_out = thresholds.held_out_predictions(weights, info.yaml_path, run_plan.imgsz, params.device)
         served_boxes, evidence = thresholds.learn(held_out, info.names, default_conf)
-        accepted, reason, parent_scores, gain = True, "first trained version", None, None
-        if parent_ok:
-            if list(parent.meta.get("labels", [])) != info.names:
-                reason = "the label set changed, so the previous version cannot be compared"
-            else:
-                parent_scores = evaluate(parent.weights, info.yaml_path, run_plan.imgsz, work, params.device, len(info.val))
-                gain = scores.fitness - parent_scores.fitness
-                margin = worse_margin(len(info.val))
-                better = gain >= -margin
-                accepted = better or not accept_only_if_not_worse
-                reason = (f"fitness {scores.fitness:.4f} vs {parent.name} {parent_scores.fitness:.4f} on the same "
-                          f"{len(info.val)} held-out tasks (served unless lower by more than {margin:.3f})"
-                          + ("" if better else ": worse"))
+        accepted, reason, parent_scores, gain = judge(
+            parent if parent_ok else None, info.names, scores.fitness, len(info.val), accept_only_if_not_worse,
+            lambda: evaluate(parent.weights, info.yaml_path, run_plan.imgsz, work, params.device, len(info.val)))
         meta = {
             "parent": parent.name if parent_ok else None,
             "base_weights": str(start_from),
