@@ -2,11 +2,12 @@
 
     python bench/fewshot.py [--datasets ../shared/datasets/bccd ../shared/datasets/pothole-seg] [--ks 10 25 50]
 
-For each YOLO-format dataset: the plain baseline (YOLO(backbone).train(epochs=30, imgsz=640, batch=8) on the first
-ten training images), the untrained base model, and for each k a fresh backend that receives k ANNOTATION_CREATED
-webhooks and trains as it would for a user (quick update, then refinement). Scored on held-out (valid/test)
-images: mAP50 and mAP50-95 with Ultralytics' metric code, and boxes a human must touch per ground-truth box
-(missed, wrong label, IoU < 0.75, plus false boxes) from the predictions /predict returns.
+For each YOLO-format dataset: the plain baseline (YOLO(base).train(epochs=30, imgsz=640, batch=8) on the first
+ten training images, from the same base as ours: TRAIN_BASE_MODEL), the untrained base model, and for each k a
+fresh backend that receives k ANNOTATION_CREATED webhooks and trains as it would for a user (quick update, then
+refinement). Scored on held-out (valid/test) images: mAP50 and mAP50-95 with Ultralytics' metric code, and boxes a
+human must touch per ground-truth box (missed, wrong label, IoU < 0.75, plus false boxes) from the predictions
+/predict returns.
 """
 from __future__ import annotations
 
@@ -18,20 +19,19 @@ from pathlib import Path
 
 import requests
 
-from common import (SHARED, LabelStudioStandIn, annotation_event, backend_env, held_out_dataset, print_table,
-                    start_server, write_results, RESULTS)
+from common import (SHARED, TRAIN_BASE, LabelStudioStandIn, annotation_event, backend_env, held_out_dataset,
+                    print_table, start_server, write_results, RESULTS)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.effort import Effort, compare  # noqa: E402
 from model.label_config import Box, parse_label_config  # noqa: E402
 from model.yolo_import import class_names, label_config, read_dataset, to_result  # noqa: E402
 
-BACKBONE = SHARED / "weights" / "yolov5nu-coco-backbone.pt"
 UNLABELED = 100  # unlabeled tasks a benchmark project holds besides its k labeled ones
 
 
-def plain_baseline(train, names, held_yaml: Path, work: Path) -> dict:
-    """What a user gets from Ultralytics' defaults on the same ten images."""
+def plain_baseline(train, names, held_yaml: Path, work: Path, base: Path) -> dict:
+    """What a user gets from Ultralytics' defaults on the same ten images, from the same base as ours."""
     from ultralytics import YOLO
 
     from model.validator import evaluate
@@ -44,7 +44,7 @@ def plain_baseline(train, names, held_yaml: Path, work: Path) -> dict:
     data.write_text(yaml.safe_dump(spec))
     started = time.perf_counter()
     # val=False: Ultralytics would otherwise pick best.pt by its score on the held-out images themselves.
-    YOLO(str(BACKBONE)).train(data=str(data), epochs=30, imgsz=640, batch=8, workers=0, val=False,
+    YOLO(str(base)).train(data=str(data), epochs=30, imgsz=640, batch=8, workers=0, val=False,
                               project=str(work / "baseline"), name="run", exist_ok=True, verbose=False)
     seconds = time.perf_counter() - started
     weights = work / "baseline" / "run" / "weights" / "last.pt"
@@ -197,7 +197,8 @@ def main() -> None:
             work = Path(tmp)
             held_out_dataset(held, names, work / "held")
             result = {"names": names, "held_out": len(held)}
-            result["baseline"] = None if args.skip_baseline else plain_baseline(train[:10], names, work / "held" / "data.yaml", work)
+            result["baseline"] = None if args.skip_baseline else plain_baseline(
+                train[:10], names, work / "held" / "data.yaml", work, Path(extra.get("TRAIN_BASE_MODEL", TRAIN_BASE)))
             result["base"] = base_model_row(held, names, config, work)
             result["ours"] = []
             for k in args.ks:

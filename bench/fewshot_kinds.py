@@ -1,6 +1,7 @@
 """Few-shot quality of polygons and choices: our recipe against a plain Ultralytics fine-tune of the same kind.
 
     nice -n 19 python bench/fewshot_kinds.py [--ks 10 25] [--holdout 40] [--budget 45] [--refine-budget 240 --refine-rounds 2]
+        [--freeze -1] [--kinds classify segment] [--skip-plain]
 
 Polygons: pothole-seg (human outlines), scored by mask mAP50 / mAP50-95 on held-out (valid/test) images.
 Choices: a three-class blood-cell classification set cut from the boxes of bccd (each crop one class, as drawn),
@@ -93,7 +94,7 @@ def cls_sets(holdout: int, work: Path):
 
 
 def ours(samples, config: str, task: str, k: int, work: Path, budget: float, refine_budget: float,
-         rounds: int) -> tuple[Path, dict]:
+         rounds: int, freeze: int = -1) -> tuple[Path, dict]:
     control = parse_controls(config)[0]
     store, registry = ProjectStore(work / "models", 1), ProjectRegistry(work / "models" / "1" / "controls", control.name)
     for task_id, (image, result) in enumerate(samples[:k], start=1):
@@ -101,13 +102,13 @@ def ours(samples, config: str, task: str, k: int, work: Path, budget: float, ref
                    "cancelled": False})
     started = time.perf_counter()
     fetch = lambda record: Path(record["data"]["image"])  # noqa: E731
-    outcome = run_kind_training(store, registry, control, task, fetch, BACKBONE, TrainParams(time_budget=budget),
-                                min(10, k), True, 5)
+    outcome = run_kind_training(store, registry, control, task, fetch, BACKBONE,
+                                TrainParams(time_budget=budget, freeze=freeze), min(10, k), True, 5)
     history = [(outcome.version.name, outcome.accepted, outcome.reason)]
     for round_ in range(1, rounds + 1):
         outcome = run_kind_training(store, registry, control, task, fetch, BACKBONE,
-                                    TrainParams(time_budget=refine_budget), min(10, k), True, 5, refined=True,
-                                    refine_round=round_)
+                                    TrainParams(time_budget=refine_budget, freeze=freeze), min(10, k), True, 5,
+                                    refined=True, refine_round=round_)
         history.append((outcome.version.name, outcome.accepted, outcome.reason))
         if not outcome.accepted or (outcome.gain or 0.0) < 0.005:
             break
@@ -140,6 +141,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=45.0, help="quick update seconds (TRAIN_TIME_BUDGET)")
     parser.add_argument("--refine-budget", type=float, default=240.0, help="REFINE_TIME_BUDGET")
     parser.add_argument("--refine-rounds", type=int, default=2, help="REFINE_ROUNDS")
+    parser.add_argument("--freeze", type=int, default=-1, help="TRAIN_FREEZE (-1: the base's backbone)")
     parser.add_argument("--skip-plain", action="store_true")
     args = parser.parse_args()
     rows, results = [], []
@@ -155,7 +157,7 @@ def main() -> None:
             for k in args.ks:
                 work = root / f"{task}-{k}"
                 weights, detail = ours(samples, config, task, k, work / "ours", args.budget, args.refine_budget,
-                                       args.refine_rounds)
+                                       args.refine_rounds, args.freeze)
                 score = evaluate_kind(weights, held, task, detail["plan"]["imgsz"], work / "ours-val")
                 row = {"dataset": name, "k": k, "metric": metric, "ours": score.map50_95 if task != "classify"
                        else score.fitness, "ours_map50": score.map50, **{f"ours_{k_}": v for k_, v in detail.items()}}

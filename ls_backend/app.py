@@ -123,8 +123,14 @@ def train(body: TrainRequest, request: Request) -> dict:
 def versions(request: Request, project: ProjectId | None = None) -> dict:
     backend = request.app.state.backend
     projects = [project] if project else backend.projects()
-    listed = [{"project": p, **v.meta} for p in projects for v in backend.registry(p).versions()]
+    listed = [listed_version(p, v.meta) for p in projects for r in project_registries(backend, p) for v in r.versions()]
     return {"versions": [v["version"] for v in listed], "details": listed}
+
+
+def listed_version(project: str, meta: dict) -> dict:
+    """A control's version goes by the name model_version gives it ('outline-v2'), the boxes' by its own ('v2')."""
+    control = meta.get("control")
+    return {"project": project, **meta, **({"version": f"{control}-{meta['version']}"} if control else {})}
 
 
 @router.get("/status/{project}")
@@ -247,6 +253,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         backend.warm_up()
         yield
         scheduler.close()
+        backend.close()
         if webhook_auth is not None:
             webhook_auth.close()
 

@@ -42,6 +42,7 @@ class Backend:
         self._base: Path | None = None
         self.base_error: str | None = None
         self._base_lock = threading.Lock()
+        self._warming: threading.Thread | None = None
 
     # -- projects -------------------------------------------------------------------------------
     def projects(self) -> list[str]:
@@ -114,7 +115,15 @@ class Backend:
             except Exception as exc:  # shown in /health, never fatal
                 self.base_error = self.base_error or f"base model failed to load: {exc}"
                 log.error("base model unavailable: %s", self.base_error)
-        threading.Thread(target=load, name="warm-up", daemon=True).start()
+        self._warming = threading.Thread(target=load, name="warm-up", daemon=True)
+        self._warming.start()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Let a base model still loading finish (a process that exits under OpenVINO's compile aborts), and stop
+        fetching images."""
+        if self._warming is not None:
+            self._warming.join(timeout)
+        self.predictions.io_pool.shutdown(wait=False, cancel_futures=True)
 
     def model_version(self, project: str) -> str:
         """What Label Studio stores with each prediction; it changes whenever a new version is served."""

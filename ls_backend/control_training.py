@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 
+from model import compute
 from model.kind_training import run_kind_training
 from model.pipeline import NotEnoughData, run_training
 from model.policy import SELF_TRAINING_FROM_ROUND
@@ -71,6 +72,8 @@ def train_controls(backend: Backend, project: str, resync_requested: bool, statu
             controls[model.control.name] = train_one(backend, project, model, run, status)
         except NotEnoughData as exc:
             controls[model.control.name] = {"state": "skipped", "reason": str(exc)}
+        except compute.Stopped:
+            raise
         except Exception as exc:  # noqa: BLE001 - recorded; the other controls still learn and stay served
             log.exception("project %s control %s: training failed", project, model.control.name)
             controls[model.control.name] = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
+from model import compute
 from model.label_config import ConfigError, parse_label_config
 from model.pipeline import NotEnoughData, run_training, trained_upto
 from model.policy import (REFINE_MIN_GAIN, SELF_TRAINING_FROM_ROUND, Thresholds, every_label_served, pseudo_label_quota,
@@ -131,6 +132,8 @@ def train_project(project: str, job_id: str | None = None, context: JobContext |
     except (NotEnoughData, ConfigError) as exc:
         status(state="skipped", reason=str(exc), finished=time.time())
         return {"state": "skipped", "reason": str(exc)}
+    except compute.Stopped:
+        raise  # left "running": the next start marks it interrupted and queues it again
     except Exception as exc:
         status(state="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         raise

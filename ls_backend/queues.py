@@ -13,6 +13,8 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Protocol
 
+from model import compute
+
 from .job_status import create_job, job_view, jobs_dir, list_jobs, new_job_id, read_job, remove_job, update_job
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,8 @@ class JobQueue(Protocol):
     def schedule(self, project: str, kind: str = "train", **fields) -> str: ...
 
     def status(self, project: str, kind: str = "train") -> dict: ...
+
+    def close(self) -> None: ...
 
 
 def resume(queue: JobQueue, job: dict, why: str) -> None:
@@ -59,6 +63,8 @@ class LocalQueue:
         self._waiting: deque[tuple[str, str, str]] = deque()  # kind, project, job id
         self._running: list[tuple[str, str, str]] = []
         self._cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
         self._recover()
         if runners is not None:
             self.start(runners)
@@ -66,8 +72,21 @@ class LocalQueue:
     def start(self, runners: dict[str, Callable[..., object]]) -> None:
         """Start the threads once the runners exist (they need the scheduler, which needs this queue)."""
         self.runners = runners
-        for n in range(self.concurrency):
-            threading.Thread(target=self._loop, name=f"job-worker-{n}", daemon=True).start()
+        self._threads = [threading.Thread(target=self._loop, name=f"job-worker-{n}", daemon=True)
+                         for n in range(self.concurrency)]
+        for thread in self._threads:
+            thread.start()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Take no more jobs, and stop a running training at its next batch: it stays "running" on disk, so the next
+        start queues it again. Waits for the threads, since a process that exits under torch or OpenVINO work aborts."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        compute.stop(self._threads)
+        for thread in self._threads:
+            thread.join(timeout)
+        compute.forget([t for t in self._threads if not t.is_alive()])
 
     def schedule(self, project: str, kind: str = "train", **fields) -> str:
         with self._cond:
@@ -104,11 +123,15 @@ class LocalQueue:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while (job := self._take()) is None:
+                while not self._closed and (job := self._take()) is None:
                     self._cond.wait()
+                if self._closed:
+                    return
             kind, project, job_id = job
             try:
                 self.runners[kind](project, job_id=job_id)
+            except compute.Stopped:
+                log.info("project %s: %s job stopped with the server; it is queued again at the next start", project, kind)
             except Exception:
                 log.exception("project %s: %s job failed", project, kind)
             finally:
@@ -180,6 +203,9 @@ class RQQueue:
         job = read_job(self.model_dir, project, job_id)
         if job.get("state") == "running":  # otherwise it ended and said so (a failure it recorded, a finished run)
             resume(self, job, why)
+
+    def close(self) -> None:
+        """Nothing to stop here: the jobs run in RQ workers, which outlive the server."""
 
     def status(self, project: str, kind: str = "train") -> dict:
         """The jobs' state in MODEL_DIR, after resuming a running one whose worker RQ lost without it saying so."""

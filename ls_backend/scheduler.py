@@ -71,3 +71,4 @@ class Scheduler:
 
     def close(self) -> None:
         self._stop.set()
+        self.queue.close()

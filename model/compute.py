@@ -4,11 +4,16 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
-_active = 0
-_training = 0
+_in_flight = {"serving": 0, "training": 0}
 _lock = threading.Lock()
+_elsewhere: Callable[[], int] = lambda: 0
+_stopping: set[threading.Thread] = set()
+
+
+class Stopped(Exception):
+    """The process is shutting down: a training run stops at its next batch and its job is queued again later."""
 
 
 def cores() -> int:
@@ -20,16 +25,19 @@ def cores() -> int:
 
 
 @contextlib.contextmanager
-def serving() -> Iterator[None]:
-    """Mark a prediction in flight, so an in-process training run leaves it a core."""
-    global _active
+def _marked(kind: str) -> Iterator[None]:
     with _lock:
-        _active += 1
+        _in_flight[kind] += 1
     try:
         yield
     finally:
         with _lock:
-            _active -= 1
+            _in_flight[kind] -= 1
+
+
+def serving() -> contextlib.AbstractContextManager[None]:
+    """Mark a prediction in flight, so an in-process training run leaves it a core."""
+    return _marked("serving")
 
 
 def default_job_concurrency() -> int:
@@ -38,30 +46,46 @@ def default_job_concurrency() -> int:
     return max(1, cores() // 2)
 
 
-@contextlib.contextmanager
-def training() -> Iterator[None]:
+def training() -> contextlib.AbstractContextManager[None]:
     """Mark a training run in flight, so concurrent runs in one process share the cores instead of each taking all."""
-    global _training
-    with _lock:
-        _training += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _training -= 1
+    return _marked("training")
+
+
+def share_with(count: Callable[[], int]) -> None:
+    """Count training runs in other processes on this machine (RQ workers beside this one), so each takes its share
+    of the cores instead of all of them: two runs each on every core of a 2-core machine thrash, measured in
+    bench/scale.py."""
+    global _elsewhere
+    _elsewhere = count
 
 
 def training_threads() -> int:
     """Torch threads for a training thread's next batch: its share of the cores, one fewer while serving."""
     with _lock:
-        busy, runs = _active > 0, max(1, _training)
+        busy, runs = _in_flight["serving"] > 0, max(1, _in_flight["training"])
+    runs += _elsewhere()
     share = max(1, cores() // runs)
     return max(1, share - 1) if busy else share
 
 
+def stop(threads: list[threading.Thread]) -> None:
+    """Ask these threads' training runs to end at their next batch (a process that exits under a running torch or
+    OpenVINO thread aborts)."""
+    with _lock:
+        _stopping.update(threads)
+
+
+def forget(threads: list[threading.Thread]) -> None:
+    with _lock:
+        _stopping.difference_update(threads)
+
+
 def use_training_threads() -> None:
-    """Apply training_threads() to the calling thread (torch's thread count is per calling thread)."""
+    """Apply training_threads() to the calling thread (torch's thread count is per calling thread), or stop it."""
     import torch
+
+    if threading.current_thread() in _stopping:
+        raise Stopped("the server is stopping")
 
     wanted = training_threads()
     if torch.get_num_threads() != wanted:

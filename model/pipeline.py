@@ -12,7 +12,7 @@ from . import thresholds
 from .dataset import build_dataset
 from .export import export_version
 from .label_config import RectangleLabelsControl
-from .policy import worse_margin
+from .policy import REFINE_MIN_GAIN, worse_margin
 from .project_store import ProjectStore
 from .registry import ProjectRegistry, Version
 from .trainer import ProgressFn, TrainParams, backbone_layers, checkpoint_model, model_cost, plan, train
@@ -56,18 +56,24 @@ def model_names(model) -> dict[int, str]:
 
 
 def judge(parent: Version | None, names: list[str], fitness: float, held_out: int, only_if_not_worse: bool,
-          score_parent: Callable[[], S]) -> tuple[bool, str, S | None, float | None]:
-    """Whether a new version replaces the served one: not worse on the same held-out tasks beyond their noise."""
+          score_parent: Callable[[], S], must_gain: bool = False) -> tuple[bool, str, S | None, float | None]:
+    """Whether a new version replaces the served one: not worse on the same held-out tasks beyond their noise, or,
+    with must_gain, measurably better there."""
     if parent is None:
         return True, "first trained version", None, None
     if list(parent.meta.get("labels", [])) != names:
         return True, "the label set changed, so the previous version cannot be compared", None, None
     parent_scores = score_parent()
     gain = fitness - parent_scores.fitness
-    margin = worse_margin(held_out)
-    better = gain >= -margin
+    if must_gain:
+        better = gain >= REFINE_MIN_GAIN
+        rule, verdict = f"served only if higher by at least {REFINE_MIN_GAIN}", "no gain"
+    else:
+        margin = worse_margin(held_out)
+        better = gain >= -margin
+        rule, verdict = f"served unless lower by more than {margin:.3f}", "worse"
     reason = (f"fitness {fitness:.4f} vs {parent.name} {parent_scores.fitness:.4f} on the same {held_out} held-out "
-              f"tasks (served unless lower by more than {margin:.3f})" + ("" if better else ": worse"))
+              f"tasks ({rule})" + ("" if better else f": {verdict}"))
     return better or not only_if_not_worse, reason, parent_scores, gain
 
 

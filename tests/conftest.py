@@ -5,7 +5,10 @@ import http.server
 import json
 import os
 import shutil
+import socket
+import subprocess
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -249,3 +252,49 @@ def redis_db():
     connection.flushdb()
     yield connection
     connection.flushdb()
+
+
+class PrivateRedis:
+    """A redis-server of a test's own, to stop and start again while the backend uses it."""
+
+    def __init__(self, folder: Path):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self._command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                         "no", "--dir", str(folder)]
+        self._server: subprocess.Popen | None = None
+        import redis
+
+        self.connection = redis.Redis.from_url(self.url)
+
+    def pings(self) -> bool:
+        import redis
+
+        try:
+            return bool(self.connection.ping())
+        except redis.RedisError:
+            return False
+
+    def start(self) -> None:
+        self._server = subprocess.Popen(self._command, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not self.pings():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"redis-server did not answer at {self.url}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.terminate()
+            self._server.wait(10)
+            self._server = None
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()

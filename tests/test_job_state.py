@@ -57,11 +57,8 @@ def test_queuing_a_job_while_one_runs_shows_both(make_client, media, assets, per
     assert job["previous"]["state"] == "finished" and job["previous"]["done"] == 4
 
 
-def test_a_refinement_killed_with_its_server_runs_after_the_restart(backend_env, make_client, tmp_path,
-                                                                    backbone_weights):
-    """A server process dies (SIGKILL) while refining; the next server marks that job interrupted, queues it again,
-    and the refinement runs; the status page says what happened."""
-    from ls_backend.job_status import job_view
+def unrefined_bccd_project(backend_env, tmp_path, backbone_weights):
+    """Ten bccd annotations on disk and a served first version not yet refined: the next job is a long refinement."""
     from model.project_store import ProjectStore, annotation_record
     from model.registry import ProjectRegistry
     from model.yolo_import import class_names, label_config, read_dataset
@@ -78,9 +75,28 @@ def test_a_refinement_killed_with_its_server_runs_after_the_restart(backend_env,
     store.update_info(label_config=label_config(names))
     for event in dataset_events(media, items, names):
         store.put(annotation_record(event["task"], event["annotation"]))
-    # a served, not yet refined first version, trained on everything stored
     ProjectRegistry(model_dir, "1").add(backbone_weights, {"labels": names, "trained_upto": time.time() + 1,
                                                            "plan": {"imgsz": 96}, "refined": False}, make_current=True)
+    return media, model_dir
+
+
+def assert_resumed_refinement(client) -> None:
+    assert client.app.state.queue.idle(timeout=WAIT)
+    job = client.get("/status/1").json()["job"]
+    assert job["state"] == "finished" and job["run"] == "refine" and job["version"] == "v2", job
+    assert job["previous"]["state"] == "interrupted" and job["resumes"] == job["previous"]["job_id"]
+    assert job["previous"]["error"] == "the server stopped while it ran; queued again"
+    assert client.app.state.backend.registry("1").get("v2").meta["refined"]
+    assert "interrupted: the server stopped while it ran" in client.get("/projects/1/").text
+
+
+def test_a_refinement_killed_with_its_server_runs_after_the_restart(backend_env, make_client, tmp_path,
+                                                                    backbone_weights):
+    """A server process dies (SIGKILL) while refining; the next server marks that job interrupted, queues it again,
+    and the refinement runs; the status page says what happened."""
+    from ls_backend.job_status import job_view
+
+    media, model_dir = unrefined_bccd_project(backend_env, tmp_path, backbone_weights)
     code = ("import time\nfrom ls_backend.app import create_app\napp = create_app()\n"
             "print(app.state.scheduler.request('1'), flush=True)\ntime.sleep(600)\n")
     log = (tmp_path / "server.log").open("w")
@@ -96,14 +112,29 @@ def test_a_refinement_killed_with_its_server_runs_after_the_restart(backend_env,
         log.close()
     assert job_view(model_dir, "1")["state"] == "running"  # what the dead process left behind
 
-    client = make_client(train_epochs=2)
-    assert client.app.state.queue.idle(timeout=WAIT)
-    job = client.get("/status/1").json()["job"]
-    assert job["state"] == "finished" and job["run"] == "refine" and job["version"] == "v2", job
-    assert job["previous"]["state"] == "interrupted" and job["resumes"] == job["previous"]["job_id"]
-    assert job["previous"]["error"] == "the server stopped while it ran; queued again"
-    assert client.app.state.backend.registry("1").get("v2").meta["refined"]
-    assert "interrupted: the server stopped while it ran" in client.get("/projects/1/").text
+    assert_resumed_refinement(make_client(train_epochs=2))
+    media.close()
+
+
+def test_a_refinement_stops_with_its_server_and_runs_after_the_restart(backend_env, make_client, tmp_path,
+                                                                       backbone_weights):
+    """A server shut down while refining in-process stops the training at its next batch (the process must not exit
+    under a torch thread), and the next server runs the job again."""
+    from fastapi.testclient import TestClient
+
+    from ls_backend.app import create_app
+    from ls_backend.job_status import job_view
+
+    media, model_dir = unrefined_bccd_project(backend_env, tmp_path, backbone_weights)
+    with TestClient(create_app()) as client:
+        assert client.app.state.scheduler.request("1") == "queued"
+        wait_for(lambda: (job_view(model_dir, "1").get("progress") or {}).get("epoch", 0) >= 1, WAIT, "refinement to run")
+    # the shutdown waited for the stopped job's thread: nothing runs, and the job is left as its process died
+    assert client.app.state.queue.idle(timeout=0)
+    assert job_view(model_dir, "1")["state"] == "running"
+    assert client.app.state.backend.registry("1").current_name() == "v1"
+
+    assert_resumed_refinement(make_client(train_epochs=2))
     media.close()
 
 

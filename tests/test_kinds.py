@@ -140,6 +140,8 @@ def test_polygons_and_choices_of_one_config_are_each_learned_and_served(make_cli
     assert size[0]["task"] == "classify" and sorted(size[0]["labels"]) == ["one", "several"]
     assert 0.0 <= size[0]["metrics"]["fitness"] <= 1.0 and outline[0]["val_tasks"] == size[0]["val_tasks"]
     assert status["job"]["version"] == "outline-v1+size-v1"
+    listed = client.get("/versions", params={"project": 1}).json()
+    assert listed["versions"] == ["outline-v1", "size-v1"] and listed["details"][1]["task"] == "classify"
     setup = client.post("/setup", json={"project": "1.1", "schema": POLY_CHOICE_CONFIG, "hostname": media.url,
                                         "access_token": TOKEN})
     assert setup.status_code == 200 and setup.json()["model_version"] == "outline-v1+size-v1"

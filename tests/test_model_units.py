@@ -96,3 +96,20 @@ def test_cli_lists_versions_and_rolls_back(tmp_path):
     assert rolled.returncode == 0 and "now serves v1" in rolled.stdout
     assert json.loads((tmp_path / "models" / "5" / "current.json").read_text())["version"] == "v1"
     assert run("rollback", "--project", "5", "--version", "v9").returncode == 1
+
+
+def test_an_idle_refinement_of_choices_is_served_only_when_it_scores_higher(tmp_path):
+    from types import SimpleNamespace
+
+    from model.pipeline import judge
+    from model.registry import Version
+
+    parent = Version("v1", tmp_path, {"labels": ["a", "b"]})
+    scored = lambda fitness: (lambda: SimpleNamespace(fitness=fitness))  # noqa: E731
+    # A new version with new annotations may tie (or lose within the noise of 2 tasks) and still be served ...
+    assert judge(parent, ["a", "b"], 1.0, 2, True, scored(1.0))[0]
+    assert judge(parent, ["a", "b"], 0.95, 2, True, scored(1.0))[0]
+    # ... a refinement on the same annotations must be measurably better: a tie keeps the served version.
+    accepted, reason, _, gain = judge(parent, ["a", "b"], 1.0, 2, True, scored(1.0), must_gain=True)
+    assert not accepted and gain == 0.0 and reason.endswith("no gain")
+    assert judge(parent, ["a", "b"], 0.9, 2, True, scored(0.5), must_gain=True)[0]

@@ -4,7 +4,6 @@ Redis is queued once Redis is back."""
 from __future__ import annotations
 
 import socket
-import subprocess
 import threading
 
 import pytest
@@ -13,7 +12,7 @@ from model.yolo_import import class_names, label_config, read_dataset
 from tests.annotations import dataset_events, export_tasks
 from tests.conftest import REDIS_TEST_URL, TOKEN, recorded, shared_file
 from tests.test_job_state import unlabeled_tasks
-from tests.test_training import _pings, run_burst_worker, send, wait_for
+from tests.test_training import run_burst_worker, send, wait_for
 
 WAIT = 300
 
@@ -123,8 +122,32 @@ def test_concurrent_trainings_in_one_process_share_the_cores():
     assert compute.training_threads() == alone == compute.cores()
 
 
+def test_rq_workers_on_one_machine_split_its_cores_between_their_jobs(redis_db):
+    from rq import Queue, Worker
+
+    from ls_backend.worker import busy_neighbours
+    from model import compute
+
+    queue = Queue("training", connection=redis_db)
+    me, neighbour, idle = (Worker([queue], connection=redis_db, name=n) for n in ("me", "neighbour", "idle"))
+    for worker in (me, neighbour, idle):
+        worker.register_birth()
+    me.set_state("busy")
+    neighbour.set_state("busy")
+    idle.set_state("idle")
+    count = busy_neighbours(redis_db, "me", every=0.0)
+    assert count() == 1  # the busy neighbour, not this worker itself nor the idle one
+    try:
+        compute.share_with(count)
+        assert compute.training_threads() == max(1, compute.cores() // 2)
+        neighbour.set_state("idle")
+        assert compute.training_threads() == compute.cores()
+    finally:
+        compute.share_with(lambda: 0)
+
+
 def test_a_follow_up_job_that_met_a_stopped_redis_is_queued_when_it_is_back(make_client, backend_env, media, bccd,
-                                                                           assets, tmp_path):
+                                                                           assets, private_redis):
     """A training job (as an RQ work-horse runs it: its context rebuilt from settings) ends while Redis is stopped:
     its auto-labeling follow-up waits on disk like a webhook's request, the job ends, and the server queues the
     follow-up once Redis answers again; a worker then runs it."""
@@ -135,48 +158,32 @@ def test_a_follow_up_job_that_met_a_stopped_redis_is_queued_when_it_is_back(make
     from model.project_store import annotation_record
 
     names, train = bccd
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    start = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(tmp_path)]
-    server = subprocess.Popen(start, stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        import redis
+    client = make_client(label_studio_url=media.url, label_studio_api_key=TOKEN, redis_url=private_redis.url,
+                         predict_batch=2)
+    store = client.app.state.backend.store("1")
+    store.update_info(label_config=label_config(names))
+    for event in dataset_events(media, train[:10], names, project=1):
+        store.put(annotation_record(event["task"], event["annotation"]))
+    media.handler.tasks = unlabeled_tasks(media, assets, 2)
+    private_redis.stop()
 
-        connection = redis.Redis.from_url(url)
-        wait_for(lambda: _pings(connection), 10, "private redis")
-        client = make_client(label_studio_url=media.url, label_studio_api_key=TOKEN, redis_url=url, predict_batch=2)
-        store = client.app.state.backend.store("1")
-        store.update_info(label_config=label_config(names))
-        for event in dataset_events(media, train[:10], names, project=1):
-            store.put(annotation_record(event["task"], event["annotation"]))
-        media.handler.tasks = unlabeled_tasks(media, assets, 2)
-        server.terminate()
-        server.wait(10)
+    context = context_from_settings()  # what _run_rq builds in the work-horse
+    result = train_project("1", context=context)
+    context.scheduler.close()  # the work-horse exits, and with it anything it kept in memory
+    assert result["state"] == "finished" and result["accepted"]
+    waiting = client.get("/status/1").json()["autolabel"]
+    assert waiting["state"] == "pending" and "queue unreachable" in waiting["error"]
 
-        context = context_from_settings()  # what _run_rq builds in the work-horse
-        result = train_project("1", context=context)
-        context.scheduler.close()  # the work-horse exits, and with it anything it kept in memory
-        assert result["state"] == "finished" and result["accepted"]
-        waiting = client.get("/status/1").json()["autolabel"]
-        assert waiting["state"] == "pending" and "queue unreachable" in waiting["error"]
-
-        server = subprocess.Popen(start, stdout=subprocess.DEVNULL)
-        wait_for(lambda: _pings(connection), 10, "redis back")
-        wait_for(lambda: client.get("/status/1").json()["autolabel"].get("state") == "queued", 30,
-                 "the server to queue the follow-up")
-        assert [job.func_name for job in Queue("ls-yolo-train", connection=connection).jobs] == [
-            "ls_backend.jobs.run_queued_autolabel"]
-        done = run_burst_worker(backend_env(redis_url=url))
-        assert done.returncode == 0, done.stderr[-2000:]
-        job = client.get("/status/1").json()["autolabel"]
-        assert job["state"] == "finished" and job["version"] == "v1"
-        assert sorted(p["task"] for p in media.handler.predictions) == [1, 2]
-    finally:
-        server.terminate()
-        server.wait(10)
+    private_redis.start()
+    wait_for(lambda: client.get("/status/1").json()["autolabel"].get("state") == "queued", 30,
+             "the server to queue the follow-up")
+    assert [job.func_name for job in Queue("ls-yolo-train", connection=private_redis.connection).jobs] == [
+        "ls_backend.jobs.run_queued_autolabel"]
+    done = run_burst_worker(backend_env(redis_url=private_redis.url))
+    assert done.returncode == 0, done.stderr[-2000:]
+    job = client.get("/status/1").json()["autolabel"]
+    assert job["state"] == "finished" and job["version"] == "v1"
+    assert sorted(p["task"] for p in media.handler.predictions) == [1, 2]
 
 
 def test_a_train_button_press_while_redis_is_unreachable_is_kept(tmp_path, redis_db):

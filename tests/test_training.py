@@ -171,51 +171,25 @@ def test_rq_worker_trains_queued_jobs_and_folds_events(make_client, backend_env,
     assert client.post("/setup", json={**recorded("setup"), "schema": label_config(names)}).json()["model_version"] == "v1"
 
 
-def test_redis_down_keeps_annotations_and_training_resumes(make_client, backend_env, media, bccd, tmp_path):
+def test_redis_down_keeps_annotations_and_training_resumes(make_client, backend_env, media, bccd, private_redis):
     """Stop Redis mid-flow: webhooks still answer, the annotation waits on disk, the job is queued once Redis is back."""
-    import socket
-
-    import redis
-
     names, train, _ = bccd
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    start = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(tmp_path)]
-    server = subprocess.Popen(start, stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        connection = redis.Redis.from_url(url)
-        wait_for(lambda: _pings(connection), 10, "private redis")
-        client = make_client(label_studio_url=media.url, label_studio_api_key=TOKEN, redis_url=url)
-        events = dataset_events(media, train[:10], names, project=1)
-        send(client, events[:9])
-        server.terminate()
-        server.wait(10)
-        started = time.perf_counter()
-        answer = send(client, events[9:])[0]
-        assert time.perf_counter() - started < 1.0
-        assert answer["training"] == "pending"
-        assert len(client.app.state.backend.store("1").records()) == 10
-        assert client.get("/health").json()["waiting_for_queue"] == ["train:1"]
-        server = subprocess.Popen(start, stdout=subprocess.DEVNULL)
-        wait_for(lambda: _pings(connection), 10, "redis back")
-        wait_for(lambda: client.get("/status/1").json()["job"].get("state") == "queued", 20, "retried enqueue")
-        assert client.get("/health").json()["waiting_for_queue"] == []
-        done = run_burst_worker(backend_env(redis_url=url))
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert client.get("/status/1").json()["model_version"] == "v1"
-    finally:
-        server.terminate()
-        server.wait(10)
-
-
-def _pings(connection) -> bool:
-    try:
-        return connection.ping()
-    except Exception:
-        return False
+    client = make_client(label_studio_url=media.url, label_studio_api_key=TOKEN, redis_url=private_redis.url)
+    events = dataset_events(media, train[:10], names, project=1)
+    send(client, events[:9])
+    private_redis.stop()
+    started = time.perf_counter()
+    answer = send(client, events[9:])[0]
+    assert time.perf_counter() - started < 1.0
+    assert answer["training"] == "pending"
+    assert len(client.app.state.backend.store("1").records()) == 10
+    assert client.get("/health").json()["waiting_for_queue"] == ["train:1"]
+    private_redis.start()
+    wait_for(lambda: client.get("/status/1").json()["job"].get("state") == "queued", 20, "retried enqueue")
+    assert client.get("/health").json()["waiting_for_queue"] == []
+    done = run_burst_worker(backend_env(redis_url=private_redis.url))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert client.get("/status/1").json()["model_version"] == "v1"
 
 
 def test_killed_worker_leaves_served_model_untouched(make_client, backend_env, media, bccd, redis_db):

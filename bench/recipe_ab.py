@@ -1,0 +1,77 @@
+"""One training lever at a time: the product's trainer on the same k images and wall-clock budget, per variant.
+
+    python bench/recipe_ab.py --k 10 --budget 200 --datasets ../shared/datasets/bccd /work/datasets-extra/aquarium \
+        --variants v5n:base=../shared/weights/yolov5nu-coco-backbone.pt v8s:base=../shared/weights/person-fall-yolov8s.pt
+
+A variant is `name:key=value,...` with keys `base` (weights; the benchmarks' training base if left out), `freeze`
+(TRAIN_FREEZE), `imgsz`, `batch`. Each run plans its size and passes as the backend would (model/trainer.plan:
+objects, budget, model cost), trains with model/trainer.train and is scored on the held-out (valid/test) images
+with Ultralytics' mAP code. Quicker than bench/fewshot.py (no server, no thresholds, no refinement), so a lever can
+be judged on several datasets first.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from common import TRAIN_BASE, held_out_dataset, print_table, write_results
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import trainer  # noqa: E402
+from model.validator import evaluate  # noqa: E402
+from model.yolo_env import prepare_ultralytics  # noqa: E402
+from model.yolo_import import class_names, read_dataset  # noqa: E402
+
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    name, _, rest = spec.partition(":")
+    return name, dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+
+
+def run(train, held_yaml: Path, names: list[str], options: dict[str, str], budget: float, work: Path) -> dict:
+    base = Path(options.get("base", TRAIN_BASE)).resolve()
+    data = held_out_dataset(train, names, work / "train")
+    network = trainer.checkpoint_model(base)
+    params = trainer.TrainParams(time_budget=budget, freeze=int(options.get("freeze", -1)),
+                                 imgsz=int(options.get("imgsz", 0)), batch=int(options.get("batch", 4)))
+    image_sides = [max(i.width, i.height) for i in train]
+    box_sides = [min((x2 - x1) * i.width, (y2 - y1) * i.height) for i in train for _, x1, y1, x2, y2 in i.rows]
+    run_plan = trainer.plan(params, len(train), image_sides, box_sides, cost=trainer.model_cost(network),
+                            backbone=trainer.backbone_layers(network))
+    weights, seconds = trainer.train(data, base, work / "run", run_plan)
+    scores = evaluate(weights, held_yaml, run_plan.imgsz, work)
+    return {"map50": round(scores.map50, 3), "map50_95": round(scores.map50_95, 3), "imgsz": run_plan.imgsz,
+            "epochs_planned": run_plan.epochs, "freeze": run_plan.freeze, "seconds": round(seconds, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", type=Path, required=True)
+    parser.add_argument("--variants", nargs="+", required=True)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--budget", type=float, default=200.0, help="training seconds per run")
+    parser.add_argument("--holdout", type=int, default=60)
+    args = parser.parse_args()
+    prepare_ultralytics(Path(tempfile.gettempdir()) / "recipe-ab-ultralytics", allow_downloads=False)
+    variants = [parse_variant(v) for v in args.variants]
+    rows, results = [], []
+    for dataset in args.datasets:
+        dataset = dataset.resolve()
+        names, items = class_names(dataset), read_dataset(dataset)
+        train = [i for i in items if i.split == "train"][:args.k]
+        held = [i for i in items if i.split != "train"][:args.holdout]
+        with tempfile.TemporaryDirectory(prefix="recipe-ab-") as tmp:
+            held_yaml = held_out_dataset(held, names, Path(tmp) / "held")
+            for name, options in variants:
+                result = run(train, held_yaml, names, options, args.budget, Path(tmp) / name)
+                results.append({"dataset": dataset.name, "variant": name, "options": options, **result})
+                rows.append([dataset.name, name, result["map50"], result["map50_95"], result["imgsz"],
+                             result["freeze"], result["seconds"]])
+                print_table(["dataset", "variant", "mAP50", "mAP50-95", "imgsz", "freeze", "s"], rows)
+    print("wrote", write_results("recipe_ab", {"args": {**vars(args), "datasets": [str(d) for d in args.datasets]},
+                                               "results": results}))
+
+
+if __name__ == "__main__":
+    main()
