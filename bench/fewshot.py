@@ -1,6 +1,7 @@
 """The few-shot curve: quality after k labeled images fed through the real webhook path, against a plain fine-tune.
 
     python bench/fewshot.py [--datasets ../shared/datasets/bccd ../shared/datasets/pothole-seg] [--ks 10 25 50]
+    python bench/fewshot.py --replot run1.json run2.json   # one table and plot from runs made in pieces
 
 For each YOLO-format dataset: the plain baseline (YOLO(base).train(epochs=30, imgsz=640, batch=8) on the first
 ten training images, from the same base as ours: TRAIN_BASE_MODEL), the untrained base model, and for each k a
@@ -180,13 +181,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", type=Path,
                         default=sorted(p for p in (SHARED / "datasets").iterdir() if (p / "data.yaml").is_file()))
-    parser.add_argument("--ks", nargs="+", type=int, default=[10, 25, 50])
+    parser.add_argument("--ks", nargs="*", type=int, default=[10, 25, 50], help="none: only the baselines")
     parser.add_argument("--holdout", type=int, default=100, help="held-out images scored per dataset")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--set", nargs="*", default=[], help="extra backend settings, KEY=VALUE")
+    parser.add_argument("--replot", nargs="+", type=Path, help="print the table and draw the plot of earlier result "
+                        "files (bench/results/fewshot.json of several runs), merged by dataset and k; nothing runs")
     args = parser.parse_args()
     extra = dict(kv.split("=", 1) for kv in args.set)
-    curves, rows = {}, []
+    if args.replot:
+        return report(merged(args.replot), extra)
+    curves = {}
     for dataset in args.datasets:
         dataset = dataset.resolve()
         names, items = class_names(dataset), read_dataset(dataset)
@@ -207,9 +212,32 @@ def main() -> None:
                                                 Path(run_dir), extra))
                 write_results("fewshot", {"settings": extra, "datasets": {**curves, dataset.name: result}})
         curves[dataset.name] = result
+    report(curves, extra)
+
+
+def merged(files: list[Path]) -> dict:
+    """Several runs' results as one set of curves (each k costs ~10 minutes per set, so runs come in pieces); a later
+    file's row for a k replaces an earlier one's."""
+    import json
+
+    curves: dict = {}
+    for file in files:
+        for name, result in json.loads(file.read_text())["datasets"].items():
+            curve = curves.setdefault(name, {**result, "ours": []})
+            curve["baseline"] = result.get("baseline") or curve.get("baseline")
+            rows = {r["k"]: r for r in curve["ours"] + result["ours"]}
+            curve["ours"] = [rows[k] for k in sorted(rows)]
+    return curves
+
+
+def report(curves: dict, extra: dict) -> None:
+    rows = []
+    for name, result in curves.items():
         baseline = result["baseline"]["map50"] if result["baseline"] else None
+        if not result["ours"]:  # a run of the baselines only (--ks with no value)
+            rows.append([name, "-", "-", "-", "-", result["base"]["touched_per_gt_box"], baseline, "", "-", "-", "-"])
         for r in result["ours"]:
-            rows.append([dataset.name, r["k"], r["map50"], r["map50_95"], r["touched_per_gt_box"],
+            rows.append([name, r["k"], r["map50"], r["map50_95"], r["touched_per_gt_box"],
                          result["base"]["touched_per_gt_box"], baseline if baseline is not None else "-",
                          f"{r['map50'] / baseline:.2f}x" if baseline and r["k"] == 10 else "",
                          r["first_map50"] if r["first_map50"] is not None else "-", r["seconds_to_first"],
