@@ -225,6 +225,7 @@ def merged(files: list[Path]) -> dict:
         for name, result in json.loads(file.read_text())["datasets"].items():
             curve = curves.setdefault(name, {**result, "ours": []})
             curve["baseline"] = result.get("baseline") or curve.get("baseline")
+            curve["base"] = result.get("base") or curve.get("base")
             rows = {r["k"]: r for r in curve["ours"] + result["ours"]}
             curve["ours"] = [rows[k] for k in sorted(rows)]
     return curves
