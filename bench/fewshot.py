@@ -206,12 +206,13 @@ def main() -> None:
                 train[:10], names, work / "held" / "data.yaml", work, Path(extra.get("TRAIN_BASE_MODEL", TRAIN_BASE)))
             result["base"] = base_model_row(held, names, config, work)
             result["ours"] = []
+            curves[dataset.name] = result  # written after each row, so a run stopped early keeps what it measured
+            write_results("fewshot", {"settings": extra, "datasets": curves})
             for k in args.ks:
                 with tempfile.TemporaryDirectory(dir=tmp) as run_dir:
                     result["ours"].append(run_k(k, train, held, work / "held" / "data.yaml", names, config,
                                                 Path(run_dir), extra))
-                write_results("fewshot", {"settings": extra, "datasets": {**curves, dataset.name: result}})
-        curves[dataset.name] = result
+                write_results("fewshot", {"settings": extra, "datasets": curves})
     report(curves, extra)
 
 
