@@ -164,8 +164,9 @@ def plot(curves: dict, out: Path) -> None:
                          label=f"{name}: plain fine-tune, k=10")
         right.plot(ks, [r["touched_per_gt_box"] for r in result["ours"]], marker="o", color=line.get_color(),
                    label=f"{name}: ours")
-        right.axhline(result["base"]["touched_per_gt_box"], linestyle="--", color=line.get_color(),
-                      label=f"{name}: base model")
+        if result.get("base"):  # a dataset replotted from rows without the base model's
+            right.axhline(result["base"]["touched_per_gt_box"], linestyle="--", color=line.get_color(),
+                          label=f"{name}: base model")
     left.set(xlabel="labeled images k", ylabel="held-out mAP50", ylim=(0, 1), title="quality")
     right.set(xlabel="labeled images k", ylabel="boxes a human must touch per GT box", ylim=(0, None), title="effort")
     right.axhline(1 / 3, color="grey", linewidth=0.8)
@@ -236,11 +237,12 @@ def report(curves: dict, extra: dict) -> None:
     rows = []
     for name, result in curves.items():
         baseline = result["baseline"]["map50"] if result["baseline"] else None
+        base = result["base"]["touched_per_gt_box"] if result.get("base") else "-"
         if not result["ours"]:  # a run of the baselines only (--ks with no value)
-            rows.append([name, "-", "-", "-", "-", result["base"]["touched_per_gt_box"], baseline, "", "-", "-", "-"])
+            rows.append([name, "-", "-", "-", "-", base, baseline, "", "-", "-", "-"])
         for r in result["ours"]:
-            rows.append([name, r["k"], r["map50"], r["map50_95"], r["touched_per_gt_box"],
-                         result["base"]["touched_per_gt_box"], baseline if baseline is not None else "-",
+            rows.append([name, r["k"], r["map50"], r["map50_95"] if r["map50_95"] is not None else "-",
+                         r["touched_per_gt_box"], base, baseline if baseline is not None else "-",
                          f"{r['map50'] / baseline:.2f}x" if baseline and r["k"] == 10 else "",
                          r["first_map50"] if r["first_map50"] is not None else "-", r["seconds_to_first"],
                          r["seconds_to_settled"]])
