@@ -4,7 +4,7 @@
         --variants v5n:base=../shared/weights/yolov5nu-coco-backbone.pt v8s:base=../shared/weights/person-fall-yolov8s.pt
 
 A variant is `name:key=value,...` with keys `base` (weights; the benchmarks' training base if left out), `freeze`
-(TRAIN_FREEZE), `imgsz`, `batch`. Each run plans its size and passes as the backend would (model/trainer.plan:
+(TRAIN_FREEZE), `imgsz`, `batch`, `epochs` (TRAIN_EPOCHS), `lr` (a factor on model/policy.learning_rate). Each run plans its size and passes as the backend would (model/trainer.plan:
 objects, budget, model cost), trains with model/trainer.train and is scored on the held-out (valid/test) images
 with Ultralytics' mAP code. Quicker than bench/fewshot.py (no server, no thresholds, no refinement), so a lever can
 be judged on several datasets first.
@@ -24,6 +24,9 @@ from model.validator import evaluate  # noqa: E402
 from model.yolo_env import prepare_ultralytics  # noqa: E402
 from model.yolo_import import class_names, read_dataset  # noqa: E402
 
+LEARNING_RATE = trainer.policy.learning_rate
+
+
 def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
     name, _, rest = spec.partition(":")
     return name, dict(kv.split("=", 1) for kv in rest.split(",") if kv)
@@ -34,7 +37,10 @@ def run(train, held_yaml: Path, names: list[str], options: dict[str, str], budge
     data = held_out_dataset(train, names, work / "train")
     network = trainer.checkpoint_model(base)
     params = trainer.TrainParams(time_budget=budget, freeze=int(options.get("freeze", -1)),
-                                 imgsz=int(options.get("imgsz", 0)), batch=int(options.get("batch", 4)))
+                                 imgsz=int(options.get("imgsz", 0)), batch=int(options.get("batch", 4)),
+                                 epochs=int(options.get("epochs", 0)))
+    factor = float(options.get("lr", 1.0))
+    trainer.policy.learning_rate = lambda classes: LEARNING_RATE(classes) * factor
     image_sides = [max(i.width, i.height) for i in train]
     box_sides = [min((x2 - x1) * i.width, (y2 - y1) * i.height) for i in train for _, x1, y1, x2, y2 in i.rows]
     run_plan = trainer.plan(params, len(train), image_sides, box_sides, cost=trainer.model_cost(network),

@@ -133,7 +133,7 @@ def run_kind_training(store: ProjectStore, registry: ProjectRegistry, control, t
         accepted, reason, parent_scores, gain = judge(
             parent if parent_ok else None, info.names, scores.fitness, len(info.val), accept_only_if_not_worse,
             lambda: evaluate_kind(parent.weights, data, task, run_plan.imgsz, work, params.device, len(info.val)),
-            must_gain=refined and task in policy.REFINE_MUST_GAIN)
+            must_gain=refined and policy.refinement_must_gain(task, refine_round))
         meta = {
             "control": control.name, "task": task, "parent": parent.name if parent_ok else None,
             "base_weights": str(parent.weights if parent_ok else base_weights), "annotations": labeled,

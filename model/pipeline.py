@@ -12,7 +12,7 @@ from . import thresholds
 from .dataset import build_dataset
 from .export import export_version
 from .label_config import RectangleLabelsControl
-from .policy import REFINE_MIN_GAIN, worse_margin
+from .policy import REFINE_MIN_GAIN, refinement_must_gain, worse_margin
 from .project_store import ProjectStore
 from .registry import ProjectRegistry, Version
 from .trainer import ProgressFn, TrainParams, backbone_layers, checkpoint_model, model_cost, plan, train
@@ -119,7 +119,8 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
         served_boxes, evidence = thresholds.learn(held_out, info.names, default_conf)
         accepted, reason, parent_scores, gain = judge(
             parent if parent_ok else None, info.names, scores.fitness, len(info.val), accept_only_if_not_worse,
-            lambda: evaluate(parent.weights, info.yaml_path, run_plan.imgsz, work, params.device, len(info.val)))
+            lambda: evaluate(parent.weights, info.yaml_path, run_plan.imgsz, work, params.device, len(info.val)),
+            must_gain=refined and refinement_must_gain("detect", refine_round))
         meta = {
             "parent": parent.name if parent_ok else None,
             "base_weights": str(start_from),

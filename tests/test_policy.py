@@ -178,6 +178,24 @@ def test_idle_refinement_rounds_go_on_while_they_gain_and_stop_when_one_does_not
     assert next_run(backend, "5", True) == ("full", 100, 1)  # the Train button always trains
 
 
+def test_refinement_rounds_after_the_first_are_served_only_when_they_gain():
+    from model.pipeline import judge
+    from model.policy import refinement_must_gain
+
+    assert not refinement_must_gain("detect", 1) and not refinement_must_gain("segment", 1)
+    assert refinement_must_gain("detect", 2) and refinement_must_gain("pose", 3)
+    assert refinement_must_gain("classify", 1)  # a classifier's refinement only overfits unless it gains
+
+    class Parent:
+        name, meta = "v2", {"labels": ["a"]}
+
+    class Scores:
+        fitness = 0.50
+    # Slightly lower on 6 held-out tasks: within the noise margin a round-1 refinement is served, a round-2 one not.
+    assert judge(Parent(), ["a"], 0.48, 6, True, Scores, must_gain=refinement_must_gain("detect", 1))[0]
+    assert not judge(Parent(), ["a"], 0.48, 6, True, Scores, must_gain=refinement_must_gain("detect", 2))[0]
+
+
 @pytest.fixture(scope="module")
 def bccd_dataset(tmp_path_factory) -> Path:
     """A four-image YOLO dataset from the shared bccd set."""

@@ -274,8 +274,10 @@ def test_a_served_quick_version_is_followed_by_idle_refinement_rounds_until_one_
     last = versions[-1].meta
     # The rounds ended for a reason: the last one was worse, gained too little, or was the last allowed.
     assert last["status"] == "rejected" or last["gain"] < REFINE_MIN_GAIN or last["refine_round"] == 3
-    # Every round that led to another was served and gained.
+    # Every round that led to another was served and gained; from the second round on none is served without a gain.
     assert all(v.meta["status"] != "rejected" and v.meta["gain"] >= REFINE_MIN_GAIN for v in versions[1:-1])
+    assert all(v.meta["status"] == "rejected" or v.meta["gain"] >= REFINE_MIN_GAIN
+               for v in versions if v.meta["refine_round"] >= 2)
     job = client.get("/status/1").json()["job"]
     assert job["run"] == "refine" and job["version"] == versions[-1].name
     # Nothing new since: a further request finds nothing to learn instead of training again.

@@ -1,0 +1,140 @@
+"""Which boxes to serve: rules for learning thresholds on a few held-out tasks, judged on many more images.
+
+    python bench/serve_rules.py --datasets ../shared/datasets/bccd /work/datasets-extra/aquarium --ks 10 50
+
+For each dataset and k, a model is trained on the first k training images with the product's trainer (size and
+passes planned as the backend plans them, --budget seconds), and predicts the held-out (valid/test) images once.
+Then, --draws times, h of those images play the project's held-out tasks (h = what the backend holds out of k,
+model/dataset.VAL_PERMILLE), each rule learns its thresholds there, and the boxes it would serve are scored on the
+other images: boxes a human must touch per ground-truth box (1.0 = nothing served), and how often a draw's
+served boxes cost more than drawing (touched > 1.0). 'oracle' is the best single threshold chosen on all images.
+
+Rules: `count` is the product's (model/thresholds.learn: a saving's spread from the box count); `image` also
+takes the spread between images into account before serving (the larger of the two); `thin` serves a label
+with few held-out boxes at the shared threshold unless it was seen to cost there (kept < false).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from common import TRAIN_BASE, held_out_dataset, print_table, write_results
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import thresholds, trainer  # noqa: E402
+from model.dataset import VAL_PERMILLE  # noqa: E402
+from model.policy import MIN_BOXES_PER_CLASS, NEVER, SERVE_Z, THRESHOLDS, Thresholds  # noqa: E402
+from model.yolo_env import prepare_ultralytics  # noqa: E402
+from model.yolo_import import class_names, read_dataset  # noqa: E402
+
+RULES = ("count", "image", "thin")
+
+
+def gain_and_spread(images, served: Thresholds, label: str | None, by_image: bool) -> tuple[int, float]:
+    per_image = [thresholds.effort_at([image], served, label) for image in images]
+    gains = [e.kept - e.deleted for e in per_image]
+    spread = math.sqrt(sum(e.kept + e.deleted for e in per_image))
+    if by_image and len(gains) > 1:
+        spread = max(spread, math.sqrt(len(gains) * statistics.variance(gains)))
+    return sum(gains), spread
+
+
+def learn(images, rule: str, default: float = 0.25) -> Thresholds:
+    """model/thresholds.learn with the rule's changes; 'count' gives the product's thresholds."""
+    if rule == "count":
+        return thresholds.learn(images, [], default)[0]
+
+    def bound(t: float, label: str | None = None, by_image: bool = False) -> float:
+        gain, spread = gain_and_spread(images, Thresholds(t, {}), label, by_image)
+        return gain - SERVE_Z * spread
+
+    def pick(options, label: str | None = None) -> float:
+        chosen = max(options, key=lambda t: (bound(t, label), -abs(t - default)))
+        return chosen if bound(chosen, label) > 0 and bound(chosen, label, rule == "image") > 0 else NEVER
+
+    best = pick(THRESHOLDS)
+    counts: dict[str, int] = {}
+    for image in images:
+        for box in image.predicted:
+            counts.setdefault(box.label, 0)
+        for box in image.truth:
+            counts[box.label] = counts.get(box.label, 0) + 1
+    per_label = {}
+    for label, count in counts.items():
+        own = count >= MIN_BOXES_PER_CLASS or best == NEVER
+        if rule == "thin" and not own:
+            effort = thresholds.effort_at(images, Thresholds(best, {}), label)
+            chosen = NEVER if effort.kept < effort.deleted else best
+        else:
+            chosen = pick(THRESHOLDS if own else (best,), label)
+        if chosen != best:
+            per_label[label] = chosen
+    return Thresholds(best, per_label)
+
+
+def touched(images, served: Thresholds) -> float:
+    effort = thresholds.effort_at(images, served)
+    return effort.touched / max(1, effort.final)
+
+
+def simulate(images, h: int, draws: int) -> dict:
+    rng = random.Random(0)
+    samples = [rng.sample(range(len(images)), h) for _ in range(draws)]
+    result = {}
+    for rule in RULES:
+        scores = []
+        for picked in samples:
+            rest = [image for i, image in enumerate(images) if i not in picked]
+            scores.append(touched(rest, learn([images[i] for i in picked], rule)))
+        result[rule] = {"mean": round(statistics.mean(scores), 3), "worse": round(sum(s > 1.0 for s in scores) / draws, 3)}
+    result["oracle"] = round(min(touched(images, Thresholds(t, {})) for t in THRESHOLDS), 3)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", type=Path, required=True)
+    parser.add_argument("--ks", nargs="+", type=int, default=[10, 50])
+    parser.add_argument("--budget", type=float, default=240.0, help="training seconds per model")
+    parser.add_argument("--holdout", type=int, default=60)
+    parser.add_argument("--draws", type=int, default=200)
+    args = parser.parse_args()
+    prepare_ultralytics(Path(tempfile.gettempdir()) / "serve-rules-ultralytics", allow_downloads=False)
+    rows, results = [], []
+    for dataset in args.datasets:
+        dataset = dataset.resolve()
+        names, items = class_names(dataset), read_dataset(dataset)
+        held = [i for i in items if i.split != "train"][:args.holdout]
+        for k in args.ks:
+            train = [i for i in items if i.split == "train"][:k]
+            with tempfile.TemporaryDirectory(prefix="serve-rules-") as tmp:
+                work = Path(tmp)
+                held_yaml = held_out_dataset(held, names, work / "held")
+                network = trainer.checkpoint_model(TRAIN_BASE)
+                params = trainer.TrainParams(time_budget=args.budget)
+                run_plan = trainer.plan(
+                    params, len(train), [max(i.width, i.height) for i in train],
+                    [min((x2 - x1) * i.width, (y2 - y1) * i.height) for i in train for _, x1, y1, x2, y2 in i.rows],
+                    cost=trainer.model_cost(network), backbone=trainer.backbone_layers(network))
+                weights, _ = trainer.train(held_out_dataset(train, names, work / "train"), TRAIN_BASE, work / "run",
+                                           run_plan)
+                images = thresholds.held_out_predictions(weights, held_yaml, run_plan.imgsz)
+            h = max(1, round(len(train) * VAL_PERMILLE / 1000))
+            result = {"dataset": dataset.name, "k": len(train), "h": h, "pool": len(images),
+                      **simulate(images, h, args.draws)}
+            results.append(result)
+            rows.append([dataset.name, len(train), h, *(f"{result[r]['mean']:.3f} ({result[r]['worse']:.0%})"
+                                                         for r in RULES), result["oracle"]])
+            print_table(["dataset", "k", "held-out h", *(f"{r}: touched (worse draws)" for r in RULES), "oracle"],
+                        rows)
+    print("wrote", write_results("serve_rules", {"args": {**vars(args), "datasets": [str(d) for d in args.datasets]},
+                                                 "results": results}))
+
+
+if __name__ == "__main__":
+    main()
