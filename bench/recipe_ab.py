@@ -4,7 +4,7 @@
         --variants v5n:base=../shared/weights/yolov5nu-coco-backbone.pt v8s:base=../shared/weights/person-fall-yolov8s.pt
 
 A variant is `name:key=value,...` with keys `base` (weights; the benchmarks' training base if left out), `freeze`
-(TRAIN_FREEZE), `imgsz`, `batch`, `epochs` (TRAIN_EPOCHS), `lr` (a factor on model/policy.learning_rate). Each run plans its size and passes as the backend would (model/trainer.plan:
+(TRAIN_FREEZE), `imgsz`, `batch`. Each run plans its size and passes as the backend would (model/trainer.plan:
 objects, budget, model cost), trains with model/trainer.train and is scored on the held-out (valid/test) images
 with Ultralytics' mAP code. Quicker than bench/fewshot.py (no server, no thresholds, no refinement), so a lever can
 be judged on several datasets first.
@@ -16,16 +16,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import TRAIN_BASE, held_out_dataset, print_table, write_results
+from common import TRAIN_BASE, held_out_dataset, print_table, train_as_planned, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import trainer  # noqa: E402
 from model.validator import evaluate  # noqa: E402
 from model.yolo_env import prepare_ultralytics  # noqa: E402
 from model.yolo_import import class_names, read_dataset  # noqa: E402
-
-LEARNING_RATE = trainer.policy.learning_rate
-
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
     name, _, rest = spec.partition(":")
@@ -34,18 +31,9 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
 
 def run(train, held_yaml: Path, names: list[str], options: dict[str, str], budget: float, work: Path) -> dict:
     base = Path(options.get("base", TRAIN_BASE)).resolve()
-    data = held_out_dataset(train, names, work / "train")
-    network = trainer.checkpoint_model(base)
     params = trainer.TrainParams(time_budget=budget, freeze=int(options.get("freeze", -1)),
-                                 imgsz=int(options.get("imgsz", 0)), batch=int(options.get("batch", 4)),
-                                 epochs=int(options.get("epochs", 0)))
-    factor = float(options.get("lr", 1.0))
-    trainer.policy.learning_rate = lambda classes: LEARNING_RATE(classes) * factor
-    image_sides = [max(i.width, i.height) for i in train]
-    box_sides = [min((x2 - x1) * i.width, (y2 - y1) * i.height) for i in train for _, x1, y1, x2, y2 in i.rows]
-    run_plan = trainer.plan(params, len(train), image_sides, box_sides, cost=trainer.model_cost(network),
-                            backbone=trainer.backbone_layers(network))
-    weights, seconds = trainer.train(data, base, work / "run", run_plan)
+                                 imgsz=int(options.get("imgsz", 0)), batch=int(options.get("batch", 4)))
+    weights, seconds, run_plan = train_as_planned(train, names, base, params, work)
     scores = evaluate(weights, held_yaml, run_plan.imgsz, work)
     return {"map50": round(scores.map50, 3), "map50_95": round(scores.map50_95, 3), "imgsz": run_plan.imgsz,
             "epochs_planned": run_plan.epochs, "freeze": run_plan.freeze, "seconds": round(seconds, 1)}

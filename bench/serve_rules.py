@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import TRAIN_BASE, held_out_dataset, print_table, write_results
+from common import TRAIN_BASE, held_out_dataset, print_table, train_as_planned, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import thresholds, trainer  # noqa: E402
@@ -115,14 +115,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="serve-rules-") as tmp:
                 work = Path(tmp)
                 held_yaml = held_out_dataset(held, names, work / "held")
-                network = trainer.checkpoint_model(TRAIN_BASE)
-                params = trainer.TrainParams(time_budget=args.budget)
-                run_plan = trainer.plan(
-                    params, len(train), [max(i.width, i.height) for i in train],
-                    [min((x2 - x1) * i.width, (y2 - y1) * i.height) for i in train for _, x1, y1, x2, y2 in i.rows],
-                    cost=trainer.model_cost(network), backbone=trainer.backbone_layers(network))
-                weights, _ = trainer.train(held_out_dataset(train, names, work / "train"), TRAIN_BASE, work / "run",
-                                           run_plan)
+                weights, _, run_plan = train_as_planned(train, names, TRAIN_BASE,
+                                                        trainer.TrainParams(time_budget=args.budget), work)
                 images = thresholds.held_out_predictions(weights, held_yaml, run_plan.imgsz)
             h = max(1, round(len(train) * VAL_PERMILLE / 1000))
             result = {"dataset": dataset.name, "k": len(train), "h": h, "pool": len(images),
