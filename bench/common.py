@@ -161,6 +161,12 @@ def train_as_planned(train, names: list[str], base: Path, params, work: Path):
     return weights, seconds, run_plan
 
 
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """`name:key=value,...` as the A/B benchmarks take their variants."""
+    name, _, rest = spec.partition(":")
+    return name, dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+
+
 def write_results(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -16,17 +16,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import TRAIN_BASE, held_out_dataset, print_table, train_as_planned, write_results
+from common import TRAIN_BASE, held_out_dataset, parse_variant, print_table, train_as_planned, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import trainer  # noqa: E402
 from model.validator import evaluate  # noqa: E402
 from model.yolo_env import prepare_ultralytics  # noqa: E402
 from model.yolo_import import class_names, read_dataset  # noqa: E402
-
-def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
-    name, _, rest = spec.partition(":")
-    return name, dict(kv.split("=", 1) for kv in rest.split(",") if kv)
 
 
 def run(train, held_yaml: Path, names: list[str], options: dict[str, str], budget: float, work: Path) -> dict:

@@ -9,6 +9,10 @@ model/dataset.VAL_PERMILLE), each rule learns its thresholds there, and the boxe
 other images: boxes a human must touch per ground-truth box (1.0 = nothing served), and how often a draw's
 served boxes cost more than drawing (touched > 1.0). 'oracle' is the best single threshold chosen on all images.
 
+Prediction settings (--variants `name:key=value,...`, keys `iou` (NMS overlap), `agnostic_nms`, `augment`
+(Ultralytics' test-time augmentation) and `scale` (predict at this multiple of the training size)): the same
+model predicts the held-out images once per variant, each timed and simulated with every rule.
+
 Rules: `count` is the product's (model/thresholds.learn: a saving's spread from the box count); `image` also
 takes the spread between images into account before serving (the larger of the two); `thin` serves a label
 with few held-out boxes at the shared threshold unless it was seen to cost there (kept < false).
@@ -21,9 +25,10 @@ import random
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from common import TRAIN_BASE, held_out_dataset, print_table, train_as_planned, write_results
+from common import TRAIN_BASE, held_out_dataset, parse_variant, print_table, train_as_planned, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import thresholds, trainer  # noqa: E402
@@ -33,6 +38,14 @@ from model.yolo_env import prepare_ultralytics  # noqa: E402
 from model.yolo_import import class_names, read_dataset  # noqa: E402
 
 RULES = ("count", "image", "thin")
+
+
+def predict_options(options: dict[str, str], train_imgsz: int) -> tuple[int, dict]:
+    """The size and Ultralytics predict arguments of a variant."""
+    imgsz = max(32, round(train_imgsz * float(options.get("scale", 1)) / 32) * 32)
+    kwargs = {key: float(value) if key == "iou" else value.lower() in ("1", "true", "yes")
+              for key, value in options.items() if key != "scale"}
+    return imgsz, kwargs
 
 
 def gain_and_spread(images, served: Thresholds, label: str | None, by_image: bool) -> tuple[int, float]:
@@ -82,11 +95,11 @@ def touched(images, served: Thresholds) -> float:
     return effort.touched / max(1, effort.final)
 
 
-def simulate(images, h: int, draws: int) -> dict:
+def simulate(images, h: int, draws: int, rules: list[str]) -> dict:
     rng = random.Random(0)
     samples = [rng.sample(range(len(images)), h) for _ in range(draws)]
     result = {}
-    for rule in RULES:
+    for rule in rules:
         scores = []
         for picked in samples:
             rest = [image for i, image in enumerate(images) if i not in picked]
@@ -103,7 +116,10 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=240.0, help="training seconds per model")
     parser.add_argument("--holdout", type=int, default=60)
     parser.add_argument("--draws", type=int, default=200)
+    parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
+    parser.add_argument("--variants", nargs="+", default=["default"], help="prediction settings, see above")
     args = parser.parse_args()
+    variants = [parse_variant(v) for v in args.variants]
     prepare_ultralytics(Path(tempfile.gettempdir()) / "serve-rules-ultralytics", allow_downloads=False)
     rows, results = [], []
     for dataset in args.datasets:
@@ -112,20 +128,26 @@ def main() -> None:
         held = [i for i in items if i.split != "train"][:args.holdout]
         for k in args.ks:
             train = [i for i in items if i.split == "train"][:k]
+            h = max(1, round(len(train) * VAL_PERMILLE / 1000))
             with tempfile.TemporaryDirectory(prefix="serve-rules-") as tmp:
                 work = Path(tmp)
                 held_yaml = held_out_dataset(held, names, work / "held")
                 weights, _, run_plan = train_as_planned(train, names, TRAIN_BASE,
                                                         trainer.TrainParams(time_budget=args.budget), work)
-                images = thresholds.held_out_predictions(weights, held_yaml, run_plan.imgsz)
-            h = max(1, round(len(train) * VAL_PERMILLE / 1000))
-            result = {"dataset": dataset.name, "k": len(train), "h": h, "pool": len(images),
-                      **simulate(images, h, args.draws)}
-            results.append(result)
-            rows.append([dataset.name, len(train), h, *(f"{result[r]['mean']:.3f} ({result[r]['worse']:.0%})"
-                                                         for r in RULES), result["oracle"]])
-            print_table(["dataset", "k", "held-out h", *(f"{r}: touched (worse draws)" for r in RULES), "oracle"],
-                        rows)
+                for variant, options in variants:
+                    imgsz, kwargs = predict_options(options, run_plan.imgsz)
+                    started = time.monotonic()
+                    images = thresholds.held_out_predictions(weights, held_yaml, imgsz, options=kwargs)
+                    ms = 1000 * (time.monotonic() - started) / max(1, len(images))
+                    result = {"dataset": dataset.name, "k": len(train), "h": h, "pool": len(images),
+                              "variant": variant, "options": options, "imgsz": imgsz, "ms_per_image": round(ms, 1),
+                              **simulate(images, h, args.draws, args.rules)}
+                    results.append(result)
+                    rows.append([dataset.name, len(train), h, variant, imgsz, round(ms),
+                                 *(f"{result[r]['mean']:.3f} ({result[r]['worse']:.0%})" for r in args.rules),
+                                 result["oracle"]])
+                    print_table(["dataset", "k", "held-out h", "variant", "imgsz", "ms/image",
+                                 *(f"{r}: touched (worse draws)" for r in args.rules), "oracle"], rows)
     print("wrote", write_results("serve_rules", {"args": {**vars(args), "datasets": [str(d) for d in args.datasets]},
                                                  "results": results}))
 

@@ -18,8 +18,12 @@ class HeldOutImage:
     truth: list[Box]
 
 
-def held_out_predictions(weights: Path, data_yaml: Path, imgsz: int, device: str = "") -> list[HeldOutImage]:
-    """Predict the dataset's val images once at the lowest threshold, sizes taken from the decoded pixels."""
+def held_out_predictions(weights: Path, data_yaml: Path, imgsz: int, device: str = "",
+                         options: dict | None = None) -> list[HeldOutImage]:
+    """Predict the dataset's val images once at the lowest threshold, sizes taken from the decoded pixels.
+
+    options are further Ultralytics predict arguments (NMS overlap, test-time augmentation) a benchmark compares.
+    """
     import yaml
     from ultralytics import YOLO
 
@@ -30,7 +34,8 @@ def held_out_predictions(weights: Path, data_yaml: Path, imgsz: int, device: str
     model = YOLO(str(weights), task="detect")
     found = []
     for path in sorted((root / "images" / "val").iterdir()):
-        kwargs = {"imgsz": imgsz, "conf": THRESHOLDS[0], "verbose": False, **({"device": device} if device else {})}
+        kwargs = {"imgsz": imgsz, "conf": THRESHOLDS[0], "verbose": False, **({"device": device} if device else {}),
+                  **(options or {})}
         image = read_image(path)  # the decoder prediction uses, so a version is judged on what it will be shown
         result = model.predict(image, **kwargs)[0]
         height, width = image.shape[:2]
