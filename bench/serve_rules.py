@@ -13,9 +13,11 @@ Prediction settings (--variants `name:key=value,...`, keys `iou` (NMS overlap), 
 (Ultralytics' test-time augmentation) and `scale` (predict at this multiple of the training size)): the same
 model predicts the held-out images once per variant, each timed and simulated with every rule.
 
-Rules: `count` is the product's (model/thresholds.learn: a saving's spread from the box count); `image` also
+Rules: `product` is model/thresholds.learn; `count` needs a confident saving for every label (a saving's spread
+from the box count; the product's rule on fewer than THIN_LABELS_FOLLOW_FROM_IMAGES held-out images); `image` also
 takes the spread between images into account before serving (the larger of the two); `thin` serves a label
-with few held-out boxes at the shared threshold unless it was seen to cost there (kept < false).
+with few held-out boxes at the shared threshold unless it was seen to cost there (kept < false; the product's
+rule from THIN_LABELS_FOLLOW_FROM_IMAGES held-out images on).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from model.policy import MIN_BOXES_PER_CLASS, NEVER, SERVE_Z, THRESHOLDS, Thresh
 from model.yolo_env import prepare_ultralytics  # noqa: E402
 from model.yolo_import import class_names, read_dataset  # noqa: E402
 
-RULES = ("count", "image", "thin")
+RULES = ("product", "count", "image", "thin")
 
 
 def predict_options(options: dict[str, str], train_imgsz: int) -> tuple[int, dict]:
@@ -58,8 +60,8 @@ def gain_and_spread(images, served: Thresholds, label: str | None, by_image: boo
 
 
 def learn(images, rule: str, default: float = 0.25) -> Thresholds:
-    """model/thresholds.learn with the rule's changes; 'count' gives the product's thresholds."""
-    if rule == "count":
+    """The thresholds a rule learns; 'product' is model/thresholds.learn itself."""
+    if rule == "product":
         return thresholds.learn(images, [], default)[0]
 
     def bound(t: float, label: str | None = None, by_image: bool = False) -> float:

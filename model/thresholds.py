@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .effort import Effort, compare
 from .label_config import Box
-from .policy import MIN_BOXES_PER_CLASS, NEVER, SERVE_Z, THRESHOLDS, Thresholds
+from .policy import MIN_BOXES_PER_CLASS, NEVER, SERVE_Z, THIN_LABELS_FOLLOW_FROM_IMAGES, THRESHOLDS, Thresholds
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,8 @@ def learn(images: list[HeldOutImage], labels: list[str], default: float) -> tupl
     held-out images: there, a threshold that looks best is often lucky, and held-out images without a box of some
     label say nothing about serving it. No confident saving, nothing served. One threshold for all labels, then each
     label seen on the held-out images is served at its own threshold (with MIN_BOXES_PER_CLASS boxes) or the shared
-    one, or withheld, by the same bound.
+    one, or withheld, by the same bound; on THIN_LABELS_FOLLOW_FROM_IMAGES images or more, a label with few boxes
+    follows the shared threshold unless its boxes were seen to cost more than they saved.
     """
     def bound(t: float, label: str | None = None) -> float:
         gain, spread = saving(effort_at(images, Thresholds(t, {}), label))
@@ -94,8 +95,13 @@ def learn(images: list[HeldOutImage], labels: list[str], default: float) -> tupl
             counts[box.label] += 1
     per_label: dict[str, float] = {}
     for label, count in counts.items():
-        own = count >= MIN_BOXES_PER_CLASS or best == NEVER
-        chosen = pick(THRESHOLDS if own else (best,), label)
+        if count >= MIN_BOXES_PER_CLASS or best == NEVER:
+            chosen = pick(THRESHOLDS, label)
+        elif len(images) >= THIN_LABELS_FOLLOW_FROM_IMAGES:
+            seen = effort_at(images, Thresholds(best, {}), label)
+            chosen = NEVER if seen.kept < seen.deleted else best
+        else:
+            chosen = pick((best,), label)
         if chosen != best:
             per_label[label] = chosen
     thresholds = Thresholds(best, per_label)

@@ -101,6 +101,19 @@ def test_boxes_are_served_only_on_confident_evidence_of_a_saving():
     assert thresholds.of("cat") < NEVER and thresholds.of("dog") == NEVER and evidence["withheld_labels"] == ["dog"]
 
 
+def test_on_enough_held_out_images_a_thin_label_follows_the_shared_threshold_unless_seen_to_cost():
+    # Every image has a right cat; one has the only dog (right) and one the only cow (a false box).
+    def images(n: int) -> list[HeldOutImage]:
+        found = [_image([("cat", 0.9, 0)], ["cat"]) for _ in range(n - 2)]
+        return found + [_image([("cat", 0.9, 0), ("dog", 0.9, 0)], ["cat", "dog"]),
+                        _image([("cat", 0.9, 0), ("cow", 0.9, 300)], ["cat", "cow"])]
+    few, enough = (learn(images(n), ["cat", "dog", "cow"], 0.25)[0]
+                   for n in (3, policy.THIN_LABELS_FOLLOW_FROM_IMAGES))
+    # On three images one right dog is no confident saving; on ten the dog follows the cats' threshold.
+    assert few.of("cat") < NEVER and few.of("dog") == NEVER and few.of("cow") == NEVER
+    assert enough.of("dog") == enough.of("cat") < NEVER and enough.of("cow") == NEVER
+
+
 def test_a_label_with_enough_held_out_boxes_gets_its_own_threshold():
     # 'dog' boxes are all false at 0.5; 'cat' boxes right at 0.4. One shared threshold cannot serve both well.
     images = [HeldOutImage(
