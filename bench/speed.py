@@ -40,6 +40,7 @@ from common import (SHARED, LabelStudioStandIn, Process, annotation_event, backe
                     write_results)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model.policy import NMS_IOU  # noqa: E402
 from model.yolo_import import class_names, label_config, read_dataset, to_result  # noqa: E402
 
 PERSON_CONFIG = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
@@ -443,7 +444,7 @@ def runtimes(work: Path, ls: LabelStudioStandIn, args) -> dict:
 
         def direct(name: str) -> tuple[float, list]:
             started = time.perf_counter()
-            found = model.predict(images[name], imgsz=IMGSZ, conf=CONF, verbose=False)[0]
+            found = model.predict(images[name], imgsz=IMGSZ, conf=CONF, iou=NMS_IOU, verbose=False)[0]
             return time.perf_counter() - started, found.boxes.data.cpu().numpy()
 
         paths = {"direct": direct, "pytorch": lambda n: one("pytorch", n), "openvino": lambda n: one("openvino", n)}
@@ -494,8 +495,9 @@ def runtimes(work: Path, ls: LabelStudioStandIn, args) -> dict:
     conf = 0.001  # as a validation run: the whole precision-recall curve
     out["map"] = {
         "dataset": args.dataset.name, "imgsz": imgsz, "precision": exported.precision,
-        "pytorch": held_out_map(lambda im: torch_model.predict(im, imgsz=imgsz, conf=conf, verbose=False)[0]
-                                .boxes.data.cpu().numpy(), held_out, names),
+        "pytorch": held_out_map(lambda im: torch_model.predict(im, imgsz=imgsz, conf=conf, iou=NMS_IOU,
+                                                               verbose=False)[0].boxes.data.cpu().numpy(),
+                                held_out, names),
         "openvino": held_out_map(lambda im: exported.predict([im], imgsz, conf)[0], held_out, names),
         "candidate_conf_served": CANDIDATE_CONF}
     out["map"]["map50_difference"] = out["map"]["openvino"]["map50"] - out["map"]["pytorch"]["map50"]

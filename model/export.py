@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .policy import NMS_IOU
 from .registry import META, Version, read_json, write_json
 from .runtime import ExportedDetector, RuntimeUnavailable, available, export_folder
 
@@ -77,7 +78,7 @@ def compare(weights: Path, detector: ExportedDetector, images: list[np.ndarray],
     model = YOLO(str(weights), task="detect")
     boxes = missing = 0
     for image in images:
-        reference = model.predict(image, imgsz=imgsz, conf=CHECK_CONF, verbose=False, device="cpu")[0]
+        reference = model.predict(image, imgsz=imgsz, conf=CHECK_CONF, iou=NMS_IOU, verbose=False, device="cpu")[0]
         ref = reference.boxes.data.cpu().numpy() if reference.boxes is not None else np.zeros((0, 6))
         # A box just above the threshold in one runtime may sit just below it in the other: look a little lower.
         found = detector.predict([image], imgsz, CHECK_CONF - CHECK_SCORE)[0]

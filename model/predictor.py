@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .label_config import Box
-from .policy import Thresholds
+from .policy import NMS_IOU, Thresholds
 from .runtime import ExportedDetector, RuntimeUnavailable, export_folder, is_exported
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def predict(model: LoadedModel, images: list[np.ndarray], label_map: dict[int, s
             thresholds: Thresholds, batch: int, device: str = "") -> list[Detections]:
     """Run the model over BGR images in batches and keep the boxes of labels the project knows above their thresholds."""
     out: list[Detections] = []
-    kwargs = {"imgsz": imgsz, "conf": CANDIDATE_CONF, "verbose": False}
+    kwargs = {"imgsz": imgsz, "conf": CANDIDATE_CONF, "iou": NMS_IOU, "verbose": False}
     if device:
         kwargs["device"] = device
     for start in range(0, len(images), max(1, batch)):

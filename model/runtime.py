@@ -1,7 +1,7 @@
 """Predict with a version's OpenVINO export: about half PyTorch's CPU time per image, and no torch in the process.
 
 The pre- and post-processing repeat what Ultralytics does for a PyTorch detector (letterbox to the stride with the
-minimum padding when a batch has one shape, class-aware NMS at IoU 0.7, at most 300 boxes, boxes scaled back and
+minimum padding when a batch has one shape, class-aware NMS at policy.NMS_IOU, at most 300 boxes, boxes scaled back and
 clipped to the image), so the same image gives the same boxes in either runtime, within the network's precision.
 """
 from __future__ import annotations
@@ -15,9 +15,11 @@ import cv2
 import numpy as np
 import yaml
 
+from .policy import NMS_IOU
+
 log = logging.getLogger(__name__)
 
-IOU = 0.7  # Ultralytics' predict default
+IOU = NMS_IOU
 MAX_DET = 300
 MAX_NMS = 30_000
 CLASS_OFFSET = 7680  # pixels between classes, so one NMS pass never lets boxes of two classes suppress each other

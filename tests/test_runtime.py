@@ -48,12 +48,13 @@ def trained(tmp_path_factory, yolo_config_dir, backbone_weights):
 
 def rows_of(model, images: list[np.ndarray], imgsz: int) -> list[np.ndarray]:
     """Every candidate box (x1, y1, x2, y2, score, class) the loaded model finds, at the serving candidate threshold."""
+    from model.policy import NMS_IOU
     from model.predictor import CANDIDATE_CONF
 
     if model.exported is not None:
         return model.exported.predict(images, imgsz, CANDIDATE_CONF)
     return [r.boxes.data.cpu().numpy() for r in model.yolo.predict(images, imgsz=imgsz, conf=CANDIDATE_CONF,
-                                                                    verbose=False)]
+                                                                    iou=NMS_IOU, verbose=False)]
 
 
 def test_a_promoted_version_is_exported_in_its_training_job_and_checked(trained):
