@@ -120,7 +120,8 @@ THRESHOLDS = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10 .. 0.90
 # Two predicted boxes of one label overlapping more than this are one object (NMS). Ultralytics' 0.7 leaves a
 # few-shot model's near-duplicates to be deleted by hand. Measured with bench/serve_rules.py (200 draws of the
 # backend's held-out tasks, k = 10 and 50), touched per ground-truth box at 0.7 -> 0.5: bccd 0.824 -> 0.823 and
-# 0.623 -> 0.621, aquarium 1.001 either way and 0.927 -> 0.917, construction-ppe 0.994 -> 0.993 and 0.940 -> 0.931.
+# 0.623 -> 0.621, aquarium 1.001 either way and 0.927 -> 0.917, construction-ppe 0.994 -> 0.993 and 0.940 -> 0.931,
+# pothole-seg 1.005 -> 1.003 and 0.980 -> 0.970, trees-aerial (dense crowns) 0.996 and 0.969 either way.
 NMS_IOU = 0.5
 NEVER = 1.01  # a threshold no box reaches: serve none of that class
 MIN_BOXES_PER_CLASS = 20  # held-out boxes a class needs before it gets a threshold of its own

@@ -1,8 +1,9 @@
 """Predict with a version's OpenVINO export: about half PyTorch's CPU time per image, and no torch in the process.
 
 The pre- and post-processing repeat what Ultralytics does for a PyTorch detector (letterbox to the stride with the
-minimum padding when a batch has one shape, class-aware NMS at policy.NMS_IOU, at most 300 boxes, boxes scaled back and
-clipped to the image), so the same image gives the same boxes in either runtime, within the network's precision.
+minimum padding when a batch has one shape, class-aware NMS at policy.NMS_IOU, at most 300 boxes, boxes scaled
+back and clipped to the image), so the same image gives the same boxes in either runtime, within the network's
+precision.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from .policy import NMS_IOU
 
 log = logging.getLogger(__name__)
 
-IOU = NMS_IOU
 MAX_DET = 300
 MAX_NMS = 30_000
 CLASS_OFFSET = 7680  # pixels between classes, so one NMS pass never lets boxes of two classes suppress each other
@@ -115,7 +115,7 @@ def letterbox(image: np.ndarray, size: int, stride: int, rect: bool) -> np.ndarr
     return cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
 
 
-def nms(pred: np.ndarray, conf: float, iou: float = IOU) -> np.ndarray:
+def nms(pred: np.ndarray, conf: float, iou: float = NMS_IOU) -> np.ndarray:
     """Rows (x1, y1, x2, y2, score, class) kept by class-aware NMS from raw (cx, cy, w, h, class scores...) rows."""
     scores = pred[:, 4:]
     cls = scores.argmax(1)
