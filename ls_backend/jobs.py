@@ -173,9 +173,9 @@ def pseudo_labels(backend: Backend, project: str, control) -> list[dict]:
     quota = pseudo_label_quota(backend.store(project).counts(0)[0])
     chosen: list[dict] = []
     try:
-        todo = []
+        to_predict = []
         for task in client.iter_tasks(project):
-            if len(chosen) + len(todo) >= quota * 2:  # enough candidates: a large project is not paged through
+            if len(chosen) + len(to_predict) >= quota * 2:  # enough candidates: a large project is not paged through
                 break
             if _labeled(task):
                 continue
@@ -185,11 +185,11 @@ def pseudo_labels(backend: Backend, project: str, control) -> list[dict]:
                     chosen.append({"task_id": int(task["id"]), "data": task.get("data") or {},
                                    "result": stored[-1]["result"]})
             else:
-                todo.append(task)
-        for start in range(0, len(todo), max(1, s.predict_batch)):
+                to_predict.append(task)
+        for start in range(0, len(to_predict), max(1, s.predict_batch)):
             if len(chosen) >= quota:
                 break
-            batch = todo[start:start + s.predict_batch]
+            batch = to_predict[start:start + s.predict_batch]
             used, results, broken = backend.predictions.predict_tasks(project, control, batch)
             if used != version:
                 break
@@ -233,12 +233,13 @@ def autolabel_project(project: str, progress_bar: bool = False, job_id: str | No
         client = backend.client(project)
         if client is None:
             raise LabelStudioError("no Label Studio URL known: set LABEL_STUDIO_URL")
-        todo = [t for t in client.iter_tasks(project) if not _labeled(t) and not _predicted_by(t, version)]
+        to_predict = [t for t in client.iter_tasks(project) if not _labeled(t) and not _predicted_by(t, version)]
         done = failed = 0
         state = "finished"
-        with tqdm(total=len(todo), desc=f"project {project} {version}", unit="task", disable=not progress_bar) as bar:
-            for start in range(0, len(todo), max(1, s.predict_batch)):
-                batch = todo[start:start + s.predict_batch]
+        with tqdm(total=len(to_predict), desc=f"project {project} {version}", unit="task",
+                  disable=not progress_bar) as bar:
+            for start in range(0, len(to_predict), max(1, s.predict_batch)):
+                batch = to_predict[start:start + s.predict_batch]
                 used, results, broken = predict_controls(backend, project, models, batch)
                 if used != version:
                     state = "superseded"
@@ -250,12 +251,12 @@ def autolabel_project(project: str, progress_bar: bool = False, job_id: str | No
                     client.create_prediction(task["id"], item["result"], item["score"], version)
                     done += 1
                 bar.update(len(batch))
-                status(done=done, failed=failed, total=len(todo))
+                status(done=done, failed=failed, total=len(to_predict))
     except Exception as exc:
         status(state="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         raise
     reason = f"{composite_version(backend, project, models)} replaced {version}" if state == "superseded" else None
-    return status(state=state, reason=reason, done=done, failed=failed, total=len(todo), finished=time.time())
+    return status(state=state, reason=reason, done=done, failed=failed, total=len(to_predict), finished=time.time())
 
 
 def _run_rq(kind: str, project: str, run) -> dict:
