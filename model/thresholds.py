@@ -7,7 +7,8 @@ from pathlib import Path
 
 from .effort import Effort, compare
 from .label_config import Box
-from .policy import MIN_BOXES_PER_CLASS, NEVER, NMS_IOU, SERVE_Z, THIN_LABELS_FOLLOW_FROM_IMAGES, THRESHOLDS, Thresholds
+from .policy import (MIN_BOXES_PER_CLASS, NEVER, NMS_IOU, SERVE_Z, THIN_LABELS_FOLLOW_FROM_IMAGES, THRESHOLDS,
+                     Thresholds)
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,10 @@ def held_out_predictions(weights: Path, data_yaml: Path, imgsz: int, device: str
     root = data_yaml.parent
     names = yaml.safe_load(data_yaml.read_text())["names"]
     model = YOLO(str(weights), task="detect")
+    kwargs = {"imgsz": imgsz, "conf": THRESHOLDS[0], "iou": NMS_IOU, "verbose": False,
+              **({"device": device} if device else {}), **(options or {})}
     found = []
     for path in sorted((root / "images" / "val").iterdir()):
-        kwargs = {"imgsz": imgsz, "conf": THRESHOLDS[0], "iou": NMS_IOU, "verbose": False,
-                  **({"device": device} if device else {}),
-                  **(options or {})}
         image = read_image(path)  # the decoder prediction uses, so a version is judged on what it will be shown
         result = model.predict(image, **kwargs)[0]
         height, width = image.shape[:2]
