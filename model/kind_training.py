@@ -19,7 +19,7 @@ from .kind_dataset import build_kind_dataset
 from .pipeline import NotEnoughData, RunOutcome, judge
 from .project_store import ProjectStore
 from .registry import ProjectRegistry
-from .trainer import ProgressFn, TrainParams, TrainPlan, backbone_layers, model_cost, plan
+from .trainer import ProgressFn, TrainParams, TrainPlan, backbone_layers, model_cost, plan, prepare_run
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,7 @@ def evaluate_kind(weights: Path, data: Path, task: str, imgsz: int, out_dir: Pat
 def _train(model, data: Path, task: str, run_dir: Path, run_plan: TrainPlan, classes: int, device: str, seed: int,
            progress: ProgressFn | None) -> tuple[Path, float]:
     """Ultralytics training with the boxes' small-data settings (AdamW, a step per batch, short warm-up)."""
-    model.add_callback("on_train_batch_start", lambda trainer: compute.use_training_threads())
-    if progress is not None:
-        model.add_callback("on_fit_epoch_end", lambda trainer: progress(min(trainer.epoch + 1, trainer.epochs), trainer.epochs))
+    prepare_run(model, progress)
     kwargs = dict(
         data=str(data), epochs=run_plan.epochs, imgsz=run_plan.imgsz, batch=run_plan.batch,
         freeze=run_plan.freeze or None, workers=0, project=str(run_dir.parent.resolve()), name=run_dir.name,

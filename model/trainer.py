@@ -108,6 +108,41 @@ def _classes(data_yaml: Path) -> int:
     return len(yaml.safe_load(data_yaml.read_text())["names"])
 
 
+def _save_only_when_stopping(trainer) -> None:
+    """Checkpoints only for the pass a run ends on: writing two per pass took a quarter of a ten-image run."""
+    save = trainer.save_model
+    saved = {"epoch": None}
+
+    def save_if_stopping() -> bool:
+        if not trainer.stop:
+            return False
+        saved["epoch"] = trainer.epoch
+        return save()
+
+    def save_if_missed(trainer) -> None:
+        # A time-limited run may learn it is over only after the save point of its last pass.
+        if saved["epoch"] != trainer.epoch:
+            from ultralytics.utils.torch_utils import strip_optimizer
+
+            save()
+            for path in (trainer.last, trainer.best):
+                if path.is_file():
+                    strip_optimizer(path)
+
+    trainer.save_model = save_if_stopping
+    trainer.add_callback("on_train_end", save_if_missed)
+
+
+def prepare_run(model, progress: ProgressFn | None) -> None:
+    """Every core per batch, progress per pass, one checkpoint per run: what both trainers add to Ultralytics."""
+    # Torch's thread count is per calling thread: set it in the thread that trains, before every batch, so the run
+    # uses every core but gives one back while the same process serves a prediction.
+    model.add_callback("on_train_batch_start", lambda trainer: compute.use_training_threads())
+    model.add_callback("on_pretrain_routine_end", _save_only_when_stopping)
+    if progress is not None:
+        model.add_callback("on_fit_epoch_end", lambda trainer: progress(min(trainer.epoch + 1, trainer.epochs), trainer.epochs))
+
+
 def train(data_yaml: Path, weights: Path, run_dir: Path, run_plan: TrainPlan, device: str = "",
           seed: int = 0, progress: ProgressFn | None = None, known_rows: dict[int, int] | None = None) -> tuple[Path, float]:
     """Run Ultralytics training and return the trained weights and the seconds it took.
@@ -118,9 +153,7 @@ def train(data_yaml: Path, weights: Path, run_dir: Path, run_plan: TrainPlan, de
     from ultralytics import YOLO
 
     model = YOLO(str(weights), task="detect")
-    # Torch's thread count is per calling thread: set it in the thread that trains, before every batch, so the run
-    # uses every core but gives one back while the same process serves a prediction.
-    model.add_callback("on_train_batch_start", lambda trainer: compute.use_training_threads())
+    prepare_run(model, progress)
     if known_rows:
         base = YOLO(str(weights), task="detect").model
 
@@ -129,8 +162,6 @@ def train(data_yaml: Path, weights: Path, run_dir: Path, run_plan: TrainPlan, de
             if getattr(trainer, "ema", None) is not None:
                 keep_known_rows(trainer.ema.ema, base, known_rows)
         model.add_callback("on_pretrain_routine_end", transfer)
-    if progress is not None:
-        model.add_callback("on_fit_epoch_end", lambda trainer: progress(min(trainer.epoch + 1, trainer.epochs), trainer.epochs))
     started = time.monotonic()
     kwargs = dict(
         data=str(data_yaml), epochs=run_plan.epochs, imgsz=run_plan.imgsz, batch=run_plan.batch,

@@ -69,6 +69,32 @@ def test_a_real_training_run_trains_on_every_core(tmp_path, backend_env, bccd_da
     assert seen and set(seen) == {compute.cores()}
 
 
+def test_a_run_writes_its_checkpoint_once_when_it_ends_not_after_every_pass(tmp_path, backend_env, bccd_dataset,
+                                                                              backbone_weights):
+    """Counted with Ultralytics' own on_model_save event, for a run of fixed passes and one stopped by its budget."""
+    from ultralytics import YOLO
+
+    from model.trainer import TrainPlan, checkpoint_model, train
+
+    backend_env()
+    saves: list[int] = []
+    original = YOLO.add_callback
+
+    def spy(self, event, func):
+        original(self, event, func)
+        if event == "on_train_batch_start":  # added once per run, by the trainer
+            original(self, "on_model_save", lambda trainer: saves.append(trainer.epoch))
+    YOLO.add_callback = spy
+    try:
+        weights, _ = train(bccd_dataset, backbone_weights, tmp_path / "fixed", TrainPlan(3, 64, 0, 2, 0))
+        assert saves == [2] and checkpoint_model(weights) is not None
+        saves.clear()
+        weights, _ = train(bccd_dataset, backbone_weights, tmp_path / "timed", TrainPlan(10_000, 64, 0, 2, 4.0))
+    finally:
+        YOLO.add_callback = original
+    assert len(saves) <= 1 and checkpoint_model(weights) is not None
+
+
 def _image(predicted: list[tuple[str, float, float]], truth: list[str]) -> HeldOutImage:
     """Boxes on a diagonal: predicted (label, score, offset) land on truth box i when offset is 0."""
     boxes = [Box(label, 100 * i, 0, 100 * i + 50, 50) for i, label in enumerate(truth)]
