@@ -19,7 +19,8 @@ from .kind_dataset import build_kind_dataset
 from .pipeline import NotEnoughData, RunOutcome, judge
 from .project_store import ProjectStore
 from .registry import ProjectRegistry
-from .trainer import ProgressFn, TrainParams, TrainPlan, backbone_layers, model_cost, plan, prepare_run
+from .trainer import (ProgressFn, TrainParams, TrainPlan, backbone_layers, model_cost, plan, prepare_run, run_arguments,
+                      trained_weights)
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +61,13 @@ def _train(model, data: Path, task: str, run_dir: Path, run_plan: TrainPlan, cla
            progress: ProgressFn | None) -> tuple[Path, float]:
     """Ultralytics training with the boxes' small-data settings (AdamW, a step per batch, short warm-up)."""
     prepare_run(model, progress)
-    kwargs = dict(
-        data=str(data), epochs=run_plan.epochs, imgsz=run_plan.imgsz, batch=run_plan.batch,
-        freeze=run_plan.freeze or None, workers=0, project=str(run_dir.parent.resolve()), name=run_dir.name,
-        exist_ok=True, val=False, plots=False, verbose=False, seed=seed, deterministic=False, nbs=run_plan.batch,
-        warmup_epochs=min(3.0, run_plan.epochs / 10), patience=0, amp=False, cache=False,
-        optimizer="AdamW", lr0=policy.learning_rate(classes),
-    )
+    kwargs = run_arguments(data, run_dir, run_plan, classes, device, seed)
     if task == "pose":
         kwargs["fliplr"] = 0.0  # a mirrored left hand would be learned as a right hand: the config says no pairs
-    if run_plan.time_budget > 0:
-        kwargs["time"] = run_plan.time_budget / 3600
-    if device:
-        kwargs["device"] = device
     started = time.monotonic()
     compute.use_training_threads()
     model.train(**kwargs)
-    out = run_dir / "weights"
-    best = out / "best.pt" if (out / "best.pt").is_file() else out / "last.pt"
-    return best, time.monotonic() - started
+    return trained_weights(run_dir), time.monotonic() - started
 
 
 def _records(store: ProjectStore) -> tuple[list[dict], float]:

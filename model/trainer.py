@@ -133,6 +133,29 @@ def _save_only_when_stopping(trainer) -> None:
     trainer.add_callback("on_train_end", save_if_missed)
 
 
+def run_arguments(data: Path, run_dir: Path, run_plan: TrainPlan, classes: int, device: str, seed: int) -> dict:
+    """Ultralytics' train arguments for small data (AdamW, a step per batch, short warm-up), as every kind trains."""
+    kwargs = dict(
+        data=str(data), epochs=run_plan.epochs, imgsz=run_plan.imgsz, batch=run_plan.batch,
+        freeze=run_plan.freeze or None, workers=0, project=str(run_dir.parent.resolve()), name=run_dir.name,
+        exist_ok=True, val=False, plots=False, verbose=False, seed=seed, deterministic=False,
+        nbs=run_plan.batch,  # step the optimizer every batch: accumulation over 64 images starves tiny datasets
+        warmup_epochs=min(3.0, run_plan.epochs / 10), patience=0, amp=False, cache=False,
+        optimizer="AdamW", lr0=policy.learning_rate(classes),
+    )
+    if run_plan.time_budget > 0:
+        kwargs["time"] = run_plan.time_budget / 3600
+    if device:
+        kwargs["device"] = device
+    return kwargs
+
+
+def trained_weights(run_dir: Path) -> Path:
+    """The checkpoint a finished run leaves: best.pt where Ultralytics wrote one, else last.pt."""
+    out = run_dir / "weights"
+    return out / "best.pt" if (out / "best.pt").is_file() else out / "last.pt"
+
+
 def prepare_run(model, progress: ProgressFn | None) -> None:
     """Every core per batch, progress per pass, one checkpoint per run: what both trainers add to Ultralytics."""
     # Torch's thread count is per calling thread: set it in the thread that trains, before every batch, so the run
@@ -163,21 +186,7 @@ def train(data_yaml: Path, weights: Path, run_dir: Path, run_plan: TrainPlan, de
                 keep_known_rows(trainer.ema.ema, base, known_rows)
         model.add_callback("on_pretrain_routine_end", transfer)
     started = time.monotonic()
-    kwargs = dict(
-        data=str(data_yaml), epochs=run_plan.epochs, imgsz=run_plan.imgsz, batch=run_plan.batch,
-        freeze=run_plan.freeze or None, workers=0, project=str(run_dir.parent.resolve()), name=run_dir.name,
-        exist_ok=True, val=False, plots=False, verbose=False, seed=seed, deterministic=False,
-        nbs=run_plan.batch,  # step the optimizer every batch: accumulation over 64 images starves tiny datasets
-        warmup_epochs=min(3.0, run_plan.epochs / 10), patience=0, amp=False, cache=False,
-        optimizer="AdamW", lr0=policy.learning_rate(_classes(data_yaml)),
-    )
-    if run_plan.time_budget > 0:
-        kwargs["time"] = run_plan.time_budget / 3600
-    if device:
-        kwargs["device"] = device
     with compute.training():
         compute.use_training_threads()
-        model.train(**kwargs)
-    out = run_dir / "weights"
-    best = out / "best.pt" if (out / "best.pt").is_file() else out / "last.pt"
-    return best, time.monotonic() - started
+        model.train(**run_arguments(data_yaml, run_dir, run_plan, _classes(data_yaml), device, seed))
+    return trained_weights(run_dir), time.monotonic() - started
