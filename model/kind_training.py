@@ -65,8 +65,9 @@ def _train(model, data: Path, task: str, run_dir: Path, run_plan: TrainPlan, cla
     if task == "pose":
         kwargs["fliplr"] = 0.0  # a mirrored left hand would be learned as a right hand: the config says no pairs
     started = time.monotonic()
-    compute.use_training_threads()
-    model.train(**kwargs)
+    with compute.training():  # counted, like a box run, so runs side by side share the cores
+        compute.use_training_threads()
+        model.train(**kwargs)
     return trained_weights(run_dir), time.monotonic() - started
 
 
