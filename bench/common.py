@@ -157,7 +157,8 @@ def train_as_planned(train, names: list[str], base: Path, params, work: Path):
     run_plan = trainer.plan(params, len(train), [max(i.width, i.height) for i in train],
                             [min((x2 - x1) * i.width, (y2 - y1) * i.height) for i in train for _, x1, y1, x2, y2 in i.rows],
                             cost=trainer.model_cost(network), backbone=trainer.backbone_layers(network))
-    weights, seconds = trainer.train(held_out_dataset(train, names, work / "train"), base, work / "run", run_plan)
+    weights, seconds = trainer.train(held_out_dataset(train, names, work / "train"), base, work / "run", run_plan,
+                                     params.device, params.seed)
     return weights, seconds, run_plan
 
 

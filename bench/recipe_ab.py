@@ -4,17 +4,21 @@
         --variants v5n:base=../shared/weights/yolov5nu-coco-backbone.pt v8s:base=../shared/weights/person-fall-yolov8s.pt
 
 A variant is `name:key=value,...` with keys `base` (weights; the benchmarks' training base if left out), `freeze`
-(TRAIN_FREEZE), `imgsz`, `batch`. Each run plans its size and passes as the backend would (model/trainer.plan:
-objects, budget, model cost), trains with model/trainer.train and is scored on the held-out (valid/test) images
-with Ultralytics' mAP code. Quicker than bench/fewshot.py (no server, no thresholds, no refinement), so a lever can
-be judged on several datasets first.
+(TRAIN_FREEZE), `imgsz`, `batch`, `seed`, `lr_scale` (a multiple of the product's learning rate); any other key is
+an Ultralytics train argument (`scale=0.25`, `mixup=0.1`, `cos_lr=true`) laid over the product's. Each run plans its
+size and passes as the backend would (model/trainer.plan: objects, budget, model cost), trains with
+model/trainer.train and is scored on the held-out (valid/test) images with Ultralytics' mAP code. Quicker than
+bench/fewshot.py (no server, no thresholds, no refinement), so a lever can be judged on several datasets first.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
 
 from common import TRAIN_BASE, held_out_dataset, parse_variant, print_table, train_as_planned, write_results
 
@@ -25,14 +29,37 @@ from model.yolo_env import prepare_ultralytics  # noqa: E402
 from model.yolo_import import class_names, read_dataset  # noqa: E402
 
 
+PLAN_KEYS = ("base", "freeze", "imgsz", "batch", "seed", "lr_scale")
+
+
+@contextlib.contextmanager
+def overridden(options: dict[str, str]):
+    """The product's train arguments with a variant's Ultralytics arguments laid over them, for one run."""
+    extra = {key: yaml.safe_load(value) for key, value in options.items() if key not in PLAN_KEYS}
+    lr_scale = float(options.get("lr_scale", 1))
+    product = trainer.run_arguments
+
+    def arguments(*args, **kwargs) -> dict:
+        planned = product(*args, **kwargs)
+        return {**planned, "lr0": planned["lr0"] * lr_scale, **extra}
+    trainer.run_arguments = arguments
+    try:
+        yield
+    finally:
+        trainer.run_arguments = product
+
+
 def run(train, held_yaml: Path, names: list[str], options: dict[str, str], budget: float, work: Path) -> dict:
     base = Path(options.get("base", TRAIN_BASE)).resolve()
     params = trainer.TrainParams(time_budget=budget, freeze=int(options.get("freeze", -1)),
-                                 imgsz=int(options.get("imgsz", 0)), batch=int(options.get("batch", 4)))
-    weights, seconds, run_plan = train_as_planned(train, names, base, params, work)
+                                 imgsz=int(options.get("imgsz", 0)), batch=int(options.get("batch", 4)),
+                                 seed=int(options.get("seed", 0)))
+    with overridden(options):
+        weights, seconds, run_plan = train_as_planned(train, names, base, params, work)
     scores = evaluate(weights, held_yaml, run_plan.imgsz, work)
     return {"map50": round(scores.map50, 3), "map50_95": round(scores.map50_95, 3), "imgsz": run_plan.imgsz,
-            "epochs_planned": run_plan.epochs, "freeze": run_plan.freeze, "seconds": round(seconds, 1)}
+            "epochs_planned": run_plan.epochs, "freeze": run_plan.freeze,
+            "seconds": round(seconds, 1)}
 
 
 def main() -> None:
