@@ -58,8 +58,7 @@ def run(train, held_yaml: Path, names: list[str], options: dict[str, str], budge
         weights, seconds, run_plan = train_as_planned(train, names, base, params, work)
     scores = evaluate(weights, held_yaml, run_plan.imgsz, work)
     return {"map50": round(scores.map50, 3), "map50_95": round(scores.map50_95, 3), "imgsz": run_plan.imgsz,
-            "epochs_planned": run_plan.epochs, "freeze": run_plan.freeze,
-            "seconds": round(seconds, 1)}
+            "epochs_planned": run_plan.epochs, "freeze": run_plan.freeze, "seconds": round(seconds, 1)}
 
 
 def main() -> None:
