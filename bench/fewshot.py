@@ -2,13 +2,15 @@
 
     python bench/fewshot.py [--datasets ../shared/datasets/bccd ../shared/datasets/pothole-seg] [--ks 10 25 50]
     python bench/fewshot.py --replot run1.json run2.json   # one table and plot from runs made in pieces
+    python bench/fewshot.py --ks 10 --repeats 3            # each k three times: a mean and a range, not one draw
 
 For each YOLO-format dataset: the plain baseline (YOLO(base).train(epochs=30, imgsz=640, batch=8) on the first
 ten training images, from the same base as ours: TRAIN_BASE_MODEL), the untrained base model, and for each k a
 fresh backend that receives k ANNOTATION_CREATED webhooks and trains as it would for a user (quick update, then
 refinement). Scored on held-out (valid/test) images: mAP50 and mAP50-95 with Ultralytics' metric code, and boxes a
 human must touch per ground-truth box (missed, wrong label, IoU < 0.75, plus false boxes) from the predictions
-/predict returns.
+/predict returns. One run's figures vary by up to 0.07 mAP50 between identical runs at k=10, so a lever is judged
+on --repeats runs: the table then adds each k's mean and range.
 """
 from __future__ import annotations
 
@@ -157,12 +159,13 @@ def plot(curves: dict, out: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     for name, result in curves.items():
-        ks = [r["k"] for r in result["ours"]]
-        line, = left.plot(ks, [r["map50"] for r in result["ours"]], marker="o", label=f"{name}: ours")
+        means = [mean_row(rows) for rows in by_k(result["ours"]).values()]
+        ks = [r["k"] for r in means]
+        line, = left.plot(ks, [r["map50"] for r in means], marker="o", label=f"{name}: ours")
         if result.get("baseline"):
             left.scatter([10], [result["baseline"]["map50"]], marker="x", s=80, color=line.get_color(),
                          label=f"{name}: plain fine-tune, k=10")
-        right.plot(ks, [r["touched_per_gt_box"] for r in result["ours"]], marker="o", color=line.get_color(),
+        right.plot(ks, [r["touched_per_gt_box"] for r in means], marker="o", color=line.get_color(),
                    label=f"{name}: ours")
         if result.get("base"):  # a dataset replotted from rows without the base model's
             right.axhline(result["base"]["touched_per_gt_box"], linestyle="--", color=line.get_color(),
@@ -184,6 +187,7 @@ def main() -> None:
                         default=sorted(p for p in (SHARED / "datasets").iterdir() if (p / "data.yaml").is_file()))
     parser.add_argument("--ks", nargs="*", type=int, default=[10, 25, 50], help="none: only the baselines")
     parser.add_argument("--holdout", type=int, default=100, help="held-out images scored per dataset")
+    parser.add_argument("--repeats", type=int, default=1, help="fresh runs of each k (its rows are numbered 'repeat')")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--set", nargs="*", default=[], help="extra backend settings, KEY=VALUE")
     parser.add_argument("--replot", nargs="+", type=Path, help="print the table and draw the plot of earlier result "
@@ -210,16 +214,17 @@ def main() -> None:
             curves[dataset.name] = result  # written after each row, so a run stopped early keeps what it measured
             write_results("fewshot", {"settings": extra, "datasets": curves})
             for k in args.ks:
-                with tempfile.TemporaryDirectory(dir=tmp) as run_dir:
-                    result["ours"].append(run_k(k, train, held, work / "held" / "data.yaml", names, config,
-                                                Path(run_dir), extra))
-                write_results("fewshot", {"settings": extra, "datasets": curves})
+                for repeat in range(args.repeats):
+                    with tempfile.TemporaryDirectory(dir=tmp) as run_dir:
+                        row = run_k(k, train, held, work / "held" / "data.yaml", names, config, Path(run_dir), extra)
+                    result["ours"].append({**row, "repeat": repeat})
+                    write_results("fewshot", {"settings": extra, "datasets": curves})
     report(curves, extra)
 
 
 def merged(files: list[Path]) -> dict:
     """Several runs' results as one set of curves (each k costs ~10 minutes per set, so runs come in pieces); a later
-    file's row for a k replaces an earlier one's."""
+    file's row for a k and repeat replaces an earlier one's."""
     import json
 
     curves: dict = {}
@@ -228,9 +233,28 @@ def merged(files: list[Path]) -> dict:
             curve = curves.setdefault(name, {**result, "ours": []})
             curve["baseline"] = result.get("baseline") or curve.get("baseline")
             curve["base"] = result.get("base") or curve.get("base")
-            rows = {r["k"]: r for r in curve["ours"] + result["ours"]}
-            curve["ours"] = [rows[k] for k in sorted(rows)]
+            rows = {(r["k"], r.get("repeat", 0)): r for r in curve["ours"] + result["ours"]}
+            curve["ours"] = [rows[key] for key in sorted(rows)]
     return curves
+
+
+def by_k(rows: list[dict]) -> dict[int, list[dict]]:
+    groups: dict[int, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["k"], []).append(row)
+    return dict(sorted(groups.items()))
+
+
+def mean_row(rows: list[dict]) -> dict:
+    """One k's repeats as one row: the mean of each figure, its range beside it where there are several."""
+    if len(rows) == 1:
+        return rows[0]
+    out = {"k": rows[0]["k"], "repeat": f"mean of {len(rows)}"}
+    for key in ("map50", "map50_95", "touched_per_gt_box", "first_map50", "seconds_to_first", "seconds_to_settled"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        out[key] = sum(values) / len(values) if values else None
+        out[f"{key}_range"] = f"{min(values):.3f}-{max(values):.3f}" if values else ""
+    return out
 
 
 def report(curves: dict, extra: dict) -> None:
@@ -239,14 +263,17 @@ def report(curves: dict, extra: dict) -> None:
         baseline = result["baseline"]["map50"] if result["baseline"] else None
         base = result["base"]["touched_per_gt_box"] if result.get("base") else "-"
         if not result["ours"]:  # a run of the baselines only (--ks with no value)
-            rows.append([name, "-", "-", "-", "-", base, baseline, "", "-", "-", "-"])
-        for r in result["ours"]:
-            rows.append([name, r["k"], r["map50"], r["map50_95"] if r["map50_95"] is not None else "-",
-                         r["touched_per_gt_box"], base, baseline if baseline is not None else "-",
-                         f"{r['map50'] / baseline:.2f}x" if baseline and r["k"] == 10 else "",
-                         r["first_map50"] if r["first_map50"] is not None else "-", r["seconds_to_first"],
-                         r["seconds_to_settled"]])
-    print_table(["dataset", "k", "mAP50", "mAP50-95", "touched/GT", "touched/GT base", "plain mAP50 k=10",
+            rows.append([name, "-", "", "-", "-", "-", base, baseline, "", "-", "-", "-"])
+        for runs in by_k(result["ours"]).values():
+            for r in runs + ([mean_row(runs)] if len(runs) > 1 else []):
+                def cell(key: str):
+                    value = "-" if r.get(key) is None else r[key]
+                    return f"{value:.3f} ({r[key + '_range']})" if r.get(key + "_range") else value
+                rows.append([name, r["k"], r.get("repeat", 0), cell("map50"), cell("map50_95"),
+                             cell("touched_per_gt_box"), base, baseline if baseline is not None else "-",
+                             f"{r['map50'] / baseline:.2f}x" if baseline and r["k"] == 10 else "",
+                             cell("first_map50"), cell("seconds_to_first"), cell("seconds_to_settled")])
+    print_table(["dataset", "k", "run", "mAP50", "mAP50-95", "touched/GT", "touched/GT base", "plain mAP50 k=10",
                  "ours/plain", "first mAP50", "s to first", "s to settle"], rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(curves, RESULTS / "fewshot.png")
