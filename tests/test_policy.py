@@ -274,7 +274,7 @@ def test_the_status_page_says_when_boxes_are_held_back_and_on_how_many_tasks(mak
 
 
 def test_the_learning_rate_falls_as_classes_grow():
-    assert policy.learning_rate(1) == pytest.approx(0.004)
+    assert policy.learning_rate(1) == pytest.approx(0.002)
     assert policy.learning_rate(10) < policy.learning_rate(3) < policy.learning_rate(1)
 
 
