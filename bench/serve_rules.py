@@ -17,7 +17,8 @@ Rules: `product` is model/thresholds.learn; `count` needs a confident saving for
 from the box count; the product's rule on fewer than THIN_LABELS_FOLLOW_FROM_IMAGES held-out images); `image` also
 takes the spread between images into account before serving (the larger of the two); `thin` serves a label
 with few held-out boxes at the shared threshold unless it was seen to cost there (kept < false; the product's
-rule from THIN_LABELS_FOLLOW_FROM_IMAGES held-out images on).
+rule from THIN_LABELS_FOLLOW_FROM_IMAGES held-out images on); `seen` is the product's rule, but a label with no
+human box on the held-out tasks is withheld instead of following the shared threshold.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from model.policy import MIN_BOXES_PER_CLASS, NEVER, SERVE_Z, THRESHOLDS, Thresh
 from model.yolo_env import prepare_ultralytics  # noqa: E402
 from model.yolo_import import class_names, read_dataset  # noqa: E402
 
-RULES = ("product", "count", "image", "thin")
+RULES = ("product", "count", "image", "thin", "seen")
 
 
 def predict_options(options: dict[str, str], train_imgsz: int) -> tuple[int, dict]:
@@ -59,10 +60,13 @@ def gain_and_spread(images, served: Thresholds, label: str | None, by_image: boo
     return sum(gains), spread
 
 
-def learn(images, rule: str, default: float = 0.25) -> Thresholds:
+def learn(images, rule: str, labels: list[str], default: float = 0.25) -> Thresholds:
     """The thresholds a rule learns; 'product' is model/thresholds.learn itself."""
-    if rule == "product":
-        return thresholds.learn(images, [], default)[0]
+    if rule in ("product", "seen"):
+        served = thresholds.learn(images, labels, default)[0]
+        seen = {box.label for image in images for box in image.truth}
+        unseen = {label: NEVER for label in labels if label not in seen} if rule == "seen" else {}
+        return Thresholds(served.default, {**served.per_label, **unseen})
 
     def bound(t: float, label: str | None = None, by_image: bool = False) -> float:
         gain, spread = gain_and_spread(images, Thresholds(t, {}), label, by_image)
@@ -97,7 +101,7 @@ def touched(images, served: Thresholds) -> float:
     return effort.touched / max(1, effort.final)
 
 
-def simulate(images, h: int, draws: int, rules: list[str]) -> dict:
+def simulate(images, h: int, draws: int, rules: list[str], labels: list[str]) -> dict:
     rng = random.Random(0)
     samples = [rng.sample(range(len(images)), h) for _ in range(draws)]
     result = {}
@@ -105,7 +109,7 @@ def simulate(images, h: int, draws: int, rules: list[str]) -> dict:
         scores = []
         for picked in samples:
             rest = [image for i, image in enumerate(images) if i not in picked]
-            scores.append(touched(rest, learn([images[i] for i in picked], rule)))
+            scores.append(touched(rest, learn([images[i] for i in picked], rule, labels)))
         result[rule] = {"mean": round(statistics.mean(scores), 3), "worse": round(sum(s > 1.0 for s in scores) / draws, 3)}
     result["oracle"] = round(min(touched(images, Thresholds(t, {})) for t in THRESHOLDS), 3)
     return result
@@ -143,7 +147,7 @@ def main() -> None:
                     ms = 1000 * (time.monotonic() - started) / max(1, len(images))
                     result = {"dataset": dataset.name, "k": len(train), "h": h, "pool": len(images),
                               "variant": variant, "options": options, "imgsz": imgsz, "ms_per_image": round(ms, 1),
-                              **simulate(images, h, args.draws, args.rules)}
+                              **simulate(images, h, args.draws, args.rules, names)}
                     results.append(result)
                     rows.append([dataset.name, len(train), h, variant, imgsz, round(ms),
                                  *(f"{result[r]['mean']:.3f} ({result[r]['worse']:.0%})" for r in args.rules),
