@@ -42,7 +42,7 @@ def trained(tmp_path_factory, yolo_config_dir, backbone_weights):
                    "result": to_result(item, names), "cancelled": False})
     outcome = run_training(store, registry, parse_label_config(label_config(names)),
                            lambda record: Path(record["data"]["image"]), backbone_weights,
-                           TrainParams(epochs=4, imgsz=96, time_budget=0, freeze=0), 10, True, 5, export=True)
+                           TrainParams(epochs=8, imgsz=96, time_budget=0, freeze=0), 10, True, 5, export=True)
     return models, registry, outcome, names, [i.image for i in held_out]
 
 
