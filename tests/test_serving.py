@@ -3,6 +3,7 @@ images, or that would decode to too many pixels, empty only their own task; Ultr
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import struct
 import subprocess
@@ -126,6 +127,7 @@ def png(width: int, height: int, rows: int | None = None) -> bytes:
 
 
 def test_files_that_are_not_images_or_too_large_empty_only_their_own_task(make_client, media, assets, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="ls_backend")  # whatever level an earlier test left the loggers at
     client = make_client(label_studio_url=media.url, label_studio_api_key=TOKEN, max_image_pixels=40_000_000)
     good = media.add("upload", "bus.jpg", assets / "bus.jpg")
     huge = png(8000, 8000)  # 64 MP that compress to a few kB: decoded, over 250 MB
