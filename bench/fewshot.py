@@ -257,6 +257,12 @@ def mean_row(rows: list[dict]) -> dict:
     return out
 
 
+def cell(row: dict, key: str):
+    """A figure for the table, with its range where the row is a mean of repeats."""
+    value = "-" if row.get(key) is None else row[key]
+    return f"{value:.3f} ({row[key + '_range']})" if row.get(key + "_range") else value
+
+
 def report(curves: dict, extra: dict) -> None:
     rows = []
     for name, result in curves.items():
@@ -266,13 +272,10 @@ def report(curves: dict, extra: dict) -> None:
             rows.append([name, "-", "", "-", "-", "-", base, baseline, "", "-", "-", "-"])
         for runs in by_k(result["ours"]).values():
             for r in runs + ([mean_row(runs)] if len(runs) > 1 else []):
-                def cell(key: str):
-                    value = "-" if r.get(key) is None else r[key]
-                    return f"{value:.3f} ({r[key + '_range']})" if r.get(key + "_range") else value
-                rows.append([name, r["k"], r.get("repeat", 0), cell("map50"), cell("map50_95"),
-                             cell("touched_per_gt_box"), base, baseline if baseline is not None else "-",
+                rows.append([name, r["k"], r.get("repeat", 0), cell(r, "map50"), cell(r, "map50_95"),
+                             cell(r, "touched_per_gt_box"), base, baseline if baseline is not None else "-",
                              f"{r['map50'] / baseline:.2f}x" if baseline and r["k"] == 10 else "",
-                             cell("first_map50"), cell("seconds_to_first"), cell("seconds_to_settled")])
+                             cell(r, "first_map50"), cell(r, "seconds_to_first"), cell(r, "seconds_to_settled")])
     print_table(["dataset", "k", "run", "mAP50", "mAP50-95", "touched/GT", "touched/GT base", "plain mAP50 k=10",
                  "ours/plain", "first mAP50", "s to first", "s to settle"], rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
