@@ -13,8 +13,13 @@ Prediction settings (--variants `name:key=value,...`, keys `iou` (NMS overlap), 
 (Ultralytics' test-time augmentation) and `scale` (predict at this multiple of the training size)): the same
 model predicts the held-out images once per variant, each timed and simulated with every rule.
 
-Rules: `product` is model/thresholds.learn; `count` needs a confident saving for every label (a saving's spread
-from the box count; the product's rule on fewer than THIN_LABELS_FOLLOW_FROM_IMAGES held-out images); `image` also
+Predictions are kept in --predictions (one JSON file per dataset, k, seed and variant): a later run with other
+--rules reads them instead of training again (--retrain trains anyway). --seeds trains one model per seed, each
+simulated with the same draws, so a rule is judged on more than one model of a set.
+
+Rules: `product` is model/thresholds.learn; `count` needs a confident saving (SERVE_Z spreads, a saving's spread
+from the box count) for every label at every h: the product's rule on fewer than THIN_LABELS_FOLLOW_FROM_IMAGES
+held-out images until it demanded SERVE_Z_FEW_IMAGES spreads there and a confident saving of all it serves; `image` also
 takes the spread between images into account before serving (the larger of the two); `thin` serves a label
 with few held-out boxes at the shared threshold unless it was seen to cost there (kept < false; the product's
 rule from THIN_LABELS_FOLLOW_FROM_IMAGES held-out images on); `seen` is the product's rule, but a label with no
@@ -23,6 +28,7 @@ human box on the held-out tasks is withheld instead of following the shared thre
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import statistics
@@ -31,11 +37,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import TRAIN_BASE, held_out_dataset, parse_variant, print_table, train_as_planned, write_results
+from common import RESULTS, TRAIN_BASE, held_out_dataset, parse_variant, print_table, train_as_planned, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import thresholds, trainer  # noqa: E402
 from model.dataset import VAL_PERMILLE  # noqa: E402
+from model.label_config import Box  # noqa: E402
 from model.policy import MIN_BOXES_PER_CLASS, NEVER, SERVE_Z, THRESHOLDS, Thresholds  # noqa: E402
 from model.yolo_env import prepare_ultralytics  # noqa: E402
 from model.yolo_import import class_names, read_dataset  # noqa: E402
@@ -115,6 +122,45 @@ def simulate(images, h: int, draws: int, rules: list[str], labels: list[str]) ->
     return result
 
 
+def save_images(images, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([{"predicted": [vars(b) for b in image.predicted], "truth": [vars(b) for b in image.truth]}
+                                for image in images]))
+
+
+def load_images(path: Path) -> list:
+    return [thresholds.HeldOutImage([Box(**b) for b in image["predicted"]], [Box(**b) for b in image["truth"]])
+            for image in json.loads(path.read_text())]
+
+
+def predictions(dataset: Path, names: list[str], train, held, seed: int, variants, args) -> list[tuple]:
+    """(variant, options, imgsz, ms per image, images) per variant: from --predictions, else a model trained now."""
+    files = {variant: args.predictions / f"{dataset.name}-k{len(train)}-s{seed}-{variant}.json" for variant, _ in variants}
+    same = {"budget": args.budget, "holdout": args.holdout}
+    metas = {v: f.with_suffix(".meta") for v, f in files.items()}
+    if not args.retrain and all(m.is_file() and json.loads(m.read_text())["trained"] == same for m in metas.values()):
+        found = []
+        for variant, options in variants:
+            meta = json.loads(metas[variant].read_text())
+            found.append((variant, options, meta["imgsz"], meta["ms_per_image"], load_images(files[variant])))
+        return found
+    found = []
+    with tempfile.TemporaryDirectory(prefix="serve-rules-") as tmp:
+        work = Path(tmp)
+        held_yaml = held_out_dataset(held, names, work / "held")
+        weights, _, run_plan = train_as_planned(train, names, TRAIN_BASE,
+                                                trainer.TrainParams(time_budget=args.budget, seed=seed), work)
+        for variant, options in variants:
+            imgsz, kwargs = predict_options(options, run_plan.imgsz)
+            started = time.monotonic()
+            images = thresholds.held_out_predictions(weights, held_yaml, imgsz, options=kwargs)
+            ms = round(1000 * (time.monotonic() - started) / max(1, len(images)), 1)
+            save_images(images, files[variant])
+            metas[variant].write_text(json.dumps({"imgsz": imgsz, "ms_per_image": ms, "trained": same}))
+            found.append((variant, options, imgsz, ms, images))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", type=Path, required=True)
@@ -124,6 +170,9 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
     parser.add_argument("--variants", nargs="+", default=["default"], help="prediction settings, see above")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one model per seed")
+    parser.add_argument("--predictions", type=Path, default=RESULTS / "serve-rules-predictions")
+    parser.add_argument("--retrain", action="store_true", help="train even where predictions are kept")
     args = parser.parse_args()
     variants = [parse_variant(v) for v in args.variants]
     prepare_ultralytics(Path(tempfile.gettempdir()) / "serve-rules-ultralytics", allow_downloads=False)
@@ -135,26 +184,19 @@ def main() -> None:
         for k in args.ks:
             train = [i for i in items if i.split == "train"][:k]
             h = max(1, round(len(train) * VAL_PERMILLE / 1000))
-            with tempfile.TemporaryDirectory(prefix="serve-rules-") as tmp:
-                work = Path(tmp)
-                held_yaml = held_out_dataset(held, names, work / "held")
-                weights, _, run_plan = train_as_planned(train, names, TRAIN_BASE,
-                                                        trainer.TrainParams(time_budget=args.budget), work)
-                for variant, options in variants:
-                    imgsz, kwargs = predict_options(options, run_plan.imgsz)
-                    started = time.monotonic()
-                    images = thresholds.held_out_predictions(weights, held_yaml, imgsz, options=kwargs)
-                    ms = 1000 * (time.monotonic() - started) / max(1, len(images))
-                    result = {"dataset": dataset.name, "k": len(train), "h": h, "pool": len(images),
-                              "variant": variant, "options": options, "imgsz": imgsz, "ms_per_image": round(ms, 1),
+            for seed in args.seeds:
+                for variant, options, imgsz, ms, images in predictions(dataset, names, train, held, seed, variants, args):
+                    result = {"dataset": dataset.name, "k": len(train), "h": h, "seed": seed, "pool": len(images),
+                              "variant": variant, "options": options, "imgsz": imgsz, "ms_per_image": ms,
                               **simulate(images, h, args.draws, args.rules, names)}
                     results.append(result)
-                    rows.append([dataset.name, len(train), h, variant, imgsz, round(ms),
+                    rows.append([dataset.name, len(train), h, seed, variant, imgsz, round(ms),
                                  *(f"{result[r]['mean']:.3f} ({result[r]['worse']:.0%})" for r in args.rules),
                                  result["oracle"]])
-                    print_table(["dataset", "k", "held-out h", "variant", "imgsz", "ms/image",
+                    print_table(["dataset", "k", "held-out h", "seed", "variant", "imgsz", "ms/image",
                                  *(f"{r}: touched (worse draws)" for r in args.rules), "oracle"], rows)
-    print("wrote", write_results("serve_rules", {"args": {**vars(args), "datasets": [str(d) for d in args.datasets]},
+    print("wrote", write_results("serve_rules", {"args": {**vars(args), "datasets": [str(d) for d in args.datasets],
+                                                          "predictions": str(args.predictions)},
                                                  "results": results}))
 
 
