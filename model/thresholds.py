@@ -8,7 +8,7 @@ from pathlib import Path
 from .effort import Effort, compare
 from .label_config import Box
 from .policy import (MIN_BOXES_PER_CLASS, NEVER, NMS_IOU, SERVE_Z, THIN_LABELS_FOLLOW_FROM_IMAGES, THRESHOLDS,
-                     Thresholds)
+                     Thresholds, serve_z)
 
 
 @dataclass(frozen=True)
@@ -64,24 +64,29 @@ def effort_at(images: list[HeldOutImage], thresholds: Thresholds, label: str | N
     return total
 
 
-def saving(effort: Effort) -> tuple[int, float]:
-    """Boxes a reviewer saves against drawing all of them (kept minus deleted; a moved box costs what drawing does), and its spread."""
-    return effort.kept - effort.deleted, math.sqrt(effort.kept + effort.deleted)
+def saving_bound(effort: Effort, z: float) -> float:
+    """The boxes a reviewer saves against drawing them all (kept minus false; a moved box costs what drawing does),
+    less z times its spread."""
+    return effort.kept - effort.deleted - z * math.sqrt(effort.kept + effort.deleted)
 
 
 def learn(images: list[HeldOutImage], labels: list[str], default: float) -> tuple[Thresholds, dict]:
     """The thresholds whose served boxes save a reviewer work with confidence, or NEVER where none do.
 
-    A threshold is judged by its saving's lower bound (saving - SERVE_Z * spread), not by the saving seen on the few
+    A threshold is judged by its saving's lower bound (saving - z * spread), not by the saving seen on the few
     held-out images: there, a threshold that looks best is often lucky, and held-out images without a box of some
     label say nothing about serving it. No confident saving, nothing served. One threshold for all labels, then each
     label seen on the held-out images is served at its own threshold (with MIN_BOXES_PER_CLASS boxes) or the shared
-    one, or withheld, by the same bound; on THIN_LABELS_FOLLOW_FROM_IMAGES images or more, a label with few boxes
-    follows the shared threshold unless its boxes were seen to cost more than they saved.
+    one, or withheld, by the bound with SERVE_Z; on THIN_LABELS_FOLLOW_FROM_IMAGES images or more, a label with few
+    boxes follows the shared threshold unless its boxes were seen to cost more than they saved. The shared threshold
+    and, last, all that would be served together are judged with serve_z(images), wider on few images: there a
+    label's few right boxes may be one easy image's luck, and labels never seen on the held-out images, which follow
+    the shared threshold, add no evidence at all.
     """
+    z = serve_z(len(images))
+
     def bound(t: float, label: str | None = None) -> float:
-        gain, spread = saving(effort_at(images, Thresholds(t, {}), label))
-        return gain - SERVE_Z * spread
+        return saving_bound(effort_at(images, Thresholds(t, {}), label), z if label is None else SERVE_Z)
 
     def pick(options, label: str | None = None) -> float:
         chosen = max(options, key=lambda t: (bound(t, label), -abs(t - default)))
@@ -106,6 +111,8 @@ def learn(images: list[HeldOutImage], labels: list[str], default: float) -> tupl
         if chosen != best:
             per_label[label] = chosen
     thresholds = Thresholds(best, per_label)
+    if saving_bound(effort_at(images, thresholds), z) <= 0:
+        thresholds = Thresholds(NEVER, {})
     served = effort_at(images, thresholds)
     evidence = {
         "images": len(images), "boxes": served.final, "touched": served.touched,
