@@ -19,8 +19,8 @@ simulated with the same draws, so a rule is judged on more than one model of a s
 
 Rules: `product` is model/thresholds.learn; `count` needs a confident saving (SERVE_Z spreads, a saving's spread
 from the box count) for every label at every h: the product's rule on fewer than THIN_LABELS_FOLLOW_FROM_IMAGES
-held-out images until it demanded SERVE_Z_FEW_IMAGES spreads there and a confident saving of all it serves; `image` also
-takes the spread between images into account before serving (the larger of the two); `thin` serves a label
+held-out images until it demanded SERVE_Z_FEW_IMAGES spreads there of the shared threshold and of all it serves;
+`image` also takes the spread between images into account before serving (the larger of the two); `thin` serves a label
 with few held-out boxes at the shared threshold unless it was seen to cost there (kept < false; the product's
 rule from THIN_LABELS_FOLLOW_FROM_IMAGES held-out images on); `seen` is the product's rule, but a label with no
 human box on the held-out tasks is withheld instead of following the shared threshold.
@@ -124,8 +124,8 @@ def simulate(images, h: int, draws: int, rules: list[str], labels: list[str]) ->
 
 def save_images(images, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([{"predicted": [vars(b) for b in image.predicted], "truth": [vars(b) for b in image.truth]}
-                                for image in images]))
+    path.write_text(json.dumps([{"predicted": [vars(b) for b in i.predicted], "truth": [vars(b) for b in i.truth]}
+                                for i in images]))
 
 
 def load_images(path: Path) -> list:
@@ -135,7 +135,8 @@ def load_images(path: Path) -> list:
 
 def predictions(dataset: Path, names: list[str], train, held, seed: int, variants, args) -> list[tuple]:
     """(variant, options, imgsz, ms per image, images) per variant: from --predictions, else a model trained now."""
-    files = {variant: args.predictions / f"{dataset.name}-k{len(train)}-s{seed}-{variant}.json" for variant, _ in variants}
+    stem = f"{dataset.name}-k{len(train)}-s{seed}"
+    files = {variant: args.predictions / f"{stem}-{variant}.json" for variant, _ in variants}
     same = {"budget": args.budget, "holdout": args.holdout}
     metas = {v: f.with_suffix(".meta") for v, f in files.items()}
     if not args.retrain and all(m.is_file() and json.loads(m.read_text())["trained"] == same for m in metas.values()):
@@ -185,7 +186,8 @@ def main() -> None:
             train = [i for i in items if i.split == "train"][:k]
             h = max(1, round(len(train) * VAL_PERMILLE / 1000))
             for seed in args.seeds:
-                for variant, options, imgsz, ms, images in predictions(dataset, names, train, held, seed, variants, args):
+                found = predictions(dataset, names, train, held, seed, variants, args)
+                for variant, options, imgsz, ms, images in found:
                     result = {"dataset": dataset.name, "k": len(train), "h": h, "seed": seed, "pool": len(images),
                               "variant": variant, "options": options, "imgsz": imgsz, "ms_per_image": ms,
                               **simulate(images, h, args.draws, args.rules, names)}
