@@ -139,12 +139,10 @@ def predictions(dataset: Path, names: list[str], train, held, seed: int, variant
     files = {variant: args.predictions / f"{stem}-{variant}.json" for variant, _ in variants}
     same = {"budget": args.budget, "holdout": args.holdout}
     metas = {v: f.with_suffix(".meta") for v, f in files.items()}
-    if not args.retrain and all(m.is_file() and json.loads(m.read_text())["trained"] == same for m in metas.values()):
-        found = []
-        for variant, options in variants:
-            meta = json.loads(metas[variant].read_text())
-            found.append((variant, options, meta["imgsz"], meta["ms_per_image"], load_images(files[variant])))
-        return found
+    kept = {v: json.loads(m.read_text()) for v, m in metas.items() if m.is_file()}
+    if not args.retrain and len(kept) == len(files) and all(meta["trained"] == same for meta in kept.values()):
+        return [(v, options, kept[v]["imgsz"], kept[v]["ms_per_image"], load_images(files[v]))
+                for v, options in variants]
     found = []
     with tempfile.TemporaryDirectory(prefix="serve-rules-") as tmp:
         work = Path(tmp)
