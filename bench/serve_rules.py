@@ -42,7 +42,6 @@ from common import RESULTS, TRAIN_BASE, held_out_dataset, parse_variant, print_t
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import thresholds, trainer  # noqa: E402
 from model.dataset import VAL_PERMILLE  # noqa: E402
-from model.label_config import Box  # noqa: E402
 from model.policy import MIN_BOXES_PER_CLASS, NEVER, SERVE_Z, THRESHOLDS, Thresholds  # noqa: E402
 from model.yolo_env import prepare_ultralytics  # noqa: E402
 from model.yolo_import import class_names, read_dataset  # noqa: E402
@@ -122,17 +121,6 @@ def simulate(images, h: int, draws: int, rules: list[str], labels: list[str]) ->
     return result
 
 
-def save_images(images, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([{"predicted": [vars(b) for b in i.predicted], "truth": [vars(b) for b in i.truth]}
-                                for i in images]))
-
-
-def load_images(path: Path) -> list:
-    return [thresholds.HeldOutImage([Box(**b) for b in image["predicted"]], [Box(**b) for b in image["truth"]])
-            for image in json.loads(path.read_text())]
-
-
 def predictions(dataset: Path, names: list[str], train, held, seed: int, variants, args) -> list[tuple]:
     """(variant, options, imgsz, ms per image, images) per variant: from --predictions, else a model trained now."""
     stem = f"{dataset.name}-k{len(train)}-s{seed}"
@@ -141,7 +129,7 @@ def predictions(dataset: Path, names: list[str], train, held, seed: int, variant
     metas = {v: f.with_suffix(".meta") for v, f in files.items()}
     kept = {v: json.loads(m.read_text()) for v, m in metas.items() if m.is_file()}
     if not args.retrain and len(kept) == len(files) and all(meta["trained"] == same for meta in kept.values()):
-        return [(v, options, kept[v]["imgsz"], kept[v]["ms_per_image"], load_images(files[v]))
+        return [(v, options, kept[v]["imgsz"], kept[v]["ms_per_image"], thresholds.load_held_out(files[v]))
                 for v, options in variants]
     found = []
     with tempfile.TemporaryDirectory(prefix="serve-rules-") as tmp:
@@ -154,7 +142,7 @@ def predictions(dataset: Path, names: list[str], train, held, seed: int, variant
             started = time.monotonic()
             images = thresholds.held_out_predictions(weights, held_yaml, imgsz, options=kwargs)
             ms = round(1000 * (time.monotonic() - started) / max(1, len(images)), 1)
-            save_images(images, files[variant])
+            thresholds.save_held_out(images, files[variant])
             metas[variant].write_text(json.dumps({"imgsz": imgsz, "ms_per_image": ms, "trained": same}))
             found.append((variant, options, imgsz, ms, images))
     return found
@@ -172,6 +160,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one model per seed")
     parser.add_argument("--predictions", type=Path, default=RESULTS / "serve-rules-predictions")
     parser.add_argument("--retrain", action="store_true", help="train even where predictions are kept")
+    parser.add_argument("--hs", nargs="+", type=int, default=[],
+                        help="held-out task counts to simulate instead of the backend's (what more evidence buys)")
     args = parser.parse_args()
     variants = [parse_variant(v) for v in args.variants]
     prepare_ultralytics(Path(tempfile.gettempdir()) / "serve-rules-ultralytics", allow_downloads=False)
@@ -182,10 +172,10 @@ def main() -> None:
         held = [i for i in items if i.split != "train"][:args.holdout]
         for k in args.ks:
             train = [i for i in items if i.split == "train"][:k]
-            h = max(1, round(len(train) * VAL_PERMILLE / 1000))
+            hs = args.hs or [max(1, round(len(train) * VAL_PERMILLE / 1000))]
             for seed in args.seeds:
                 found = predictions(dataset, names, train, held, seed, variants, args)
-                for variant, options, imgsz, ms, images in found:
+                for (variant, options, imgsz, ms, images), h in ((f, h) for f in found for h in hs):
                     result = {"dataset": dataset.name, "k": len(train), "h": h, "seed": seed, "pool": len(images),
                               "variant": variant, "options": options, "imgsz": imgsz, "ms_per_image": ms,
                               **simulate(images, h, args.draws, args.rules, names)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
-from model import compute
+from model import compute, crosscheck
 from model.label_config import ConfigError, parse_label_config
 from model.pipeline import NotEnoughData, run_training, trained_upto
 from model.policy import (REFINE_MIN_GAIN, SELF_TRAINING_FROM_ROUND, Thresholds, every_label_served, pseudo_label_quota,
@@ -48,9 +48,10 @@ def resync(backend: Backend, project: str) -> int:
     return len(records)
 
 
-def next_run(backend: Backend, project: str, resync_requested: bool,
-             registry=None) -> tuple[str, float, int] | None:
-    """What run is worth doing now: an update for new annotations, else idle refinement rounds, else none.
+def next_run(backend: Backend, project: str, resync_requested: bool, registry=None,
+             cross_check: bool = False) -> tuple[str, float, int] | None:
+    """What run is worth doing now: an update for new annotations, else idle refinement rounds, else, with
+    cross_check, the served version's cross-check folds (model.crosscheck), else none.
 
     Refinement rounds go on while nobody labels, each judged by the not-worse gate, until REFINE_ROUNDS are done
     or a round is rejected or gains less than REFINE_MIN_GAIN over the version it continued.
@@ -66,13 +67,16 @@ def next_run(backend: Backend, project: str, resync_requested: bool,
     if s.refine_time_budget <= 0:
         return None
     newest = registry.versions()[-1]
+    if newest.meta.get("crosscheck"):
+        return None  # the rounds and the cross-check of these annotations are done
     done = newest.meta.get("refine_round") or int(bool(newest.meta.get("refined")))
     if done == 0:
         return "refine", s.refine_time_budget, 1
     stopped = newest.meta.get("status") == "rejected" or (newest.meta.get("gain") or 0.0) < REFINE_MIN_GAIN
     if done < s.refine_rounds and not stopped:
         return "refine", s.refine_time_budget, done + 1
-    return None
+    folds = crosscheck.pending(registry) if cross_check and s.crosscheck else None
+    return ("crosscheck", s.refine_time_budget, folds[2]) if folds else None
 
 
 def sync_from_label_studio(backend: Backend, project: str) -> bool:
@@ -109,7 +113,7 @@ def train_project(project: str, job_id: str | None = None, context: JobContext |
             from .control_training import train_controls
 
             return train_controls(backend, project, resync_requested, status, started, context.scheduler)
-        run = next_run(backend, project, resync_requested)
+        run = next_run(backend, project, resync_requested, cross_check=True)
         if run is None:
             raise NotEnoughData("nothing new to learn: no annotation changed since the served version")
         kind, budget, refine_round = run
@@ -123,12 +127,18 @@ def train_project(project: str, job_id: str | None = None, context: JobContext |
 
         self_training = kind == "refine" and refine_round >= SELF_TRAINING_FROM_ROUND
         pseudo = pseudo_labels(backend, project, control) if self_training else []
-        outcome = run_training(store, backend.registry(project), control,
-                               lambda record: fetcher.fetch(record["data"].get(control.value_key)),
-                               backend.train_base_weights(), params, s.min_annotations, s.accept_only_if_not_worse,
-                               s.keep_versions, progress, refined=kind != "update", default_conf=s.predict_conf,
-                               refine_round=refine_round, pseudo=pseudo, export=s.exports_versions,
-                               export_precision=s.openvino_precision)
+
+        def fetch(record):
+            return fetcher.fetch(record["data"].get(control.value_key))
+
+        if kind == "crosscheck":
+            outcome = crosscheck.run_crosscheck(store, backend.registry(project), control, fetch,
+                                                backend.train_base_weights(), params, s.predict_conf, progress)
+        else:
+            outcome = run_training(store, backend.registry(project), control, fetch, backend.train_base_weights(),
+                                   params, s.min_annotations, s.accept_only_if_not_worse, s.keep_versions, progress,
+                                   refined=kind != "update", default_conf=s.predict_conf, refine_round=refine_round,
+                                   pseudo=pseudo, export=s.exports_versions, export_precision=s.openvino_precision)
     except (NotEnoughData, ConfigError) as exc:
         status(state="skipped", reason=str(exc), finished=time.time())
         return {"state": "skipped", "reason": str(exc)}
@@ -143,8 +153,9 @@ def train_project(project: str, job_id: str | None = None, context: JobContext |
     follow_up = []  # auto-labeling first: annotators get the new predictions before a refinement starts
     if outcome.accepted and s.autolabel_after_train and backend.client(project) is not None:
         follow_up.append("autolabel")
-    if outcome.accepted and next_run(backend, project, False) is not None:
-        follow_up.append("train")  # an idle refinement round, or an update for annotations that came meanwhile
+    following = next_run(backend, project, False, cross_check=True)
+    if following is not None and (outcome.accepted or following[0] == "crosscheck"):
+        follow_up.append("train")  # an idle round or fold, or an update for annotations that came meanwhile
     for job in follow_up:  # the scheduler retries one it cannot queue now, as it does a webhook's request
         if context.scheduler is not None:
             context.scheduler.request(project, job)

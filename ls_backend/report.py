@@ -27,9 +27,11 @@ def version_rows(backend: Backend, project: str) -> list[dict]:
     for version in backend.registry(project).versions():
         effort = efforts.pop(version.name, None)
         meta = version.meta
+        checked = meta.get("crosscheck") or {}  # figures of the version's own and its folds' held-out tasks
         rows.append({"version": version.name, "status": meta.get("status"), "annotations": meta.get("annotations"),
-                     "held_out": meta.get("held_out_tasks", len(meta.get("val_tasks") or [])) or None,
-                     "pseudo": meta.get("pseudo_labeled"), "map50": meta.get("metrics", {}).get("map50"),
+                     "held_out": checked.get("tasks") or meta.get("held_out_tasks", len(meta.get("val_tasks") or []))
+                     or None, "pseudo": meta.get("pseudo_labeled"),
+                     "map50": checked.get("map50", meta.get("metrics", {}).get("map50")),
                      "serving": serving_note(meta), "effort": effort.as_dict() if effort else None})
     for name, effort in sorted(efforts.items()):  # base model predictions, before any training
         rows.insert(0, {"version": name, "status": "base", "annotations": 0, "held_out": None, "pseudo": None,
@@ -44,8 +46,10 @@ def serving_note(meta: dict) -> str | None:
         return None
     withheld = evidence.get("withheld_labels") or []
     labels = meta.get("labels") or []
-    basis = (f"on {evidence['images']} held-out tasks, served boxes would leave {evidence['touched']} to touch "
-             f"against {evidence['touched_if_none_served']} to draw with none")
+    folds = len((meta.get("crosscheck") or {}).get("folds") or [])
+    checked = f" (cross-checked: {folds} more models held out tasks of their own)" if folds else ""
+    basis = (f"on {evidence['images']} held-out tasks{checked}, served boxes would leave {evidence['touched']} to "
+             f"touch against {evidence['touched_if_none_served']} to draw with none")
     if labels and len(withheld) == len(labels):
         return f"none: {basis}, so no box is served until a version pays"
     if withheld:

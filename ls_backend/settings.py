@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     train_time_budget: float = 45.0
     refine_time_budget: float = 240.0
     refine_rounds: int = 2
+    crosscheck: bool = True
     self_training: bool = True
     train_freeze: int = -1
     train_batch: int = 4

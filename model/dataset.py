@@ -60,14 +60,16 @@ def _region_size(record: dict, upright: tuple[int, int]) -> tuple[int, int]:
 
 
 def build_dataset(records: list[dict], control: RectangleLabelsControl, fetch: Callable[[dict], Path],
-                  out_dir: Path) -> DatasetInfo:
+                  out_dir: Path, held_out: set[int] | None = None) -> DatasetInfo:
     """Write images and labels for train and val; a task that fails is skipped and named.
 
     Images are links to the cache, except those whose EXIF orientation turns them: those are written upright (as
     the one decoder, model.images, sees them and Label Studio shows them), so Ultralytics reads them the same way.
+    held_out names the tasks to hold out in place of those is_held_out picks (a cross-check fold).
     """
     info = DatasetInfo(out_dir / "data.yaml", list(control.labels))
-    held = [r for r in records if is_held_out(r["task_id"]) and not r.get("pseudo")]  # judged on humans only
+    chosen = held_out if held_out is not None else {r["task_id"] for r in records if is_held_out(r["task_id"])}
+    held = [r for r in records if r["task_id"] in chosen and not r.get("pseudo")]  # judged on humans only
     if not held and len(records) >= 2:
         held = [min(records, key=lambda r: hashlib.sha1(str(r["task_id"]).encode()).hexdigest())]
     held_ids = {r["task_id"] for r in held}

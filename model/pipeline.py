@@ -126,6 +126,7 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
             "base_weights": str(start_from),
             "annotations": labeled,
             "pseudo_labeled": len(info.pseudo),
+            "pseudo_tasks": info.pseudo,
             "train_tasks": info.train,
             "val_tasks": info.val,
             "held_out_tasks": len(info.val),
@@ -148,6 +149,7 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
             "status": "rejected",
         }
         version = registry.add(weights, meta, make_current=accepted)
+        thresholds.save_held_out(held_out, version.held_out)
         if accepted and export:  # after it is served, so exporting never delays a version; servers switch to it
             export_version(version, run_plan.imgsz, info.yaml_path.parent / "images" / "val", export_precision)
             version = registry.get(version.name)

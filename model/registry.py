@@ -15,6 +15,7 @@ from .workspace import Workspace
 
 WEIGHTS = "weights.pt"
 META = "meta.json"
+HELD_OUT = "held_out.json"  # the version's predictions on its held-out tasks (model.thresholds.save_held_out)
 _VERSION = re.compile(r"^v(\d+)$")
 
 
@@ -47,6 +48,10 @@ class Version:
         return self.path / WEIGHTS
 
     @property
+    def held_out(self) -> Path:
+        return self.path / HELD_OUT
+
+    @property
     def number(self) -> int:
         return int(self.name[1:])
 
@@ -59,6 +64,7 @@ class ProjectRegistry:
         self.project, self.root = workspace.project, workspace.root
         self.versions_dir = workspace.versions
         self.current_file = workspace.current_file
+        self.crosscheck_dir = workspace.crosscheck
 
     def versions(self) -> list[Version]:
         """All versions, oldest first, pruned ones included (their weights are gone, their history stays)."""
@@ -85,11 +91,14 @@ class ProjectRegistry:
         name = self.current_name()
         return self.get(name) if name else None
 
-    def add(self, weights: Path, meta: dict, make_current: bool) -> Version:
-        """Copy weights into a new numbered version, write its metadata, and switch to it if asked."""
+    def add(self, weights: Path, meta: dict, make_current: bool, companions: list[Path] = ()) -> Version:
+        """Copy weights (and folders that go with them, such as an export) into a new numbered version, write its
+        metadata, and switch to it if asked."""
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=self.versions_dir, prefix=".staging-"))
         shutil.copy2(weights, staging / WEIGHTS)
+        for folder in companions:
+            shutil.copytree(folder, staging / folder.name)
         while True:
             last = max((v.number for v in self.versions()), default=0)
             name = f"v{last + 1}"

@@ -1,6 +1,7 @@
 """Learn which boxes a version should serve: the thresholds that leave a reviewer the fewest boxes to touch."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,18 @@ def held_out_predictions(weights: Path, data_yaml: Path, imgsz: int, device: str
     return found
 
 
+def save_held_out(images: list[HeldOutImage], path: Path) -> None:
+    """Keep a version's held-out predictions, so later evidence can be pooled with them without predicting again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([{"predicted": [vars(b) for b in i.predicted], "truth": [vars(b) for b in i.truth]}
+                                for i in images]))
+
+
+def load_held_out(path: Path) -> list[HeldOutImage]:
+    return [HeldOutImage([Box(**b) for b in image["predicted"]], [Box(**b) for b in image["truth"]])
+            for image in json.loads(path.read_text())]
+
+
 def effort_at(images: list[HeldOutImage], thresholds: Thresholds, label: str | None = None) -> Effort:
     """What a reviewer would do on these images if served the boxes above the thresholds (of one label, or all)."""
     total = Effort()
@@ -70,7 +83,8 @@ def saving_bound(effort: Effort, z: float) -> float:
     return effort.kept - effort.deleted - z * math.sqrt(effort.kept + effort.deleted)
 
 
-def learn(images: list[HeldOutImage], labels: list[str], default: float) -> tuple[Thresholds, dict]:
+def learn(images: list[HeldOutImage], labels: list[str], default: float,
+          z: float | None = None) -> tuple[Thresholds, dict]:
     """The thresholds whose served boxes save a reviewer work with confidence, or NEVER where none do.
 
     A threshold is judged by its saving's lower bound (saving - z * spread), not by the saving seen on the few
@@ -81,9 +95,9 @@ def learn(images: list[HeldOutImage], labels: list[str], default: float) -> tupl
     boxes follows the shared threshold unless its boxes were seen to cost more than they saved. The shared threshold
     and, last, all that would be served together are judged with serve_z(images), wider on few images: there a
     label's few right boxes may be one easy image's luck, and labels never seen on the held-out images, which follow
-    the shared threshold, add no evidence at all.
+    the shared threshold, add no evidence at all. z overrides serve_z for evidence pooled from several models.
     """
-    z = serve_z(len(images))
+    z = serve_z(len(images)) if z is None else z
 
     def bound(t: float, label: str | None = None) -> float:
         return saving_bound(effort_at(images, Thresholds(t, {}), label), z if label is None else SERVE_Z)

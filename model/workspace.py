@@ -11,6 +11,7 @@ class Workspace:
     project.json             label config, title, /setup's hostname and token
     predictions/, effort/    the last prediction per task and how much of it the annotator changed
     versions/vN/, current.json  trained versions and which one is served
+    crosscheck/vN.json       the cross-check folds of version N trained so far, with their held-out predictions
     jobs/<job id>.json       each job's state
     sync.json                when the project was last resynced from Label Studio (without Redis)
     """
@@ -39,6 +40,10 @@ class Workspace:
     @property
     def versions(self) -> Path:
         return self.root / "versions"
+
+    @property
+    def crosscheck(self) -> Path:
+        return self.root / "crosscheck"
 
     @property
     def current_file(self) -> Path:

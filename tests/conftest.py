@@ -198,7 +198,7 @@ def backend_env(tmp_path, monkeypatch, person_weights, backbone_weights, yolo_co
         "YOLO_CONFIG_DIR": str(yolo_config_dir), "REDIS_URL": "", "LABEL_STUDIO_URL": "",
         "LABEL_STUDIO_API_KEY": "", "BASIC_AUTH_USER": "", "BASIC_AUTH_PASS": "", "ALLOWED_MEDIA_HOSTS": "",
         "TRAIN_IMGSZ": "96", "TRAIN_EPOCHS": "3", "TRAIN_TIME_BUDGET": "0", "REFINE_TIME_BUDGET": "0",
-        "MIN_ANNOTATIONS": "10",
+        "MIN_ANNOTATIONS": "10", "CROSSCHECK": "false",  # tests/test_crosscheck.py turns it on
         "RETRAIN_EVERY": "5",
     }
 

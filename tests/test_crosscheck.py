@@ -1,0 +1,95 @@
+"""Cross-checked thresholds: folds of the served version's recipe, trained for real, lend its thresholds evidence."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.annotations import dataset_events
+from tests.conftest import TOKEN
+from tests.test_training import bccd, send  # noqa: F401 - bccd is a fixture
+
+
+def test_folds_are_groups_of_the_held_out_size_until_the_evidence_is_enough():
+    from model.crosscheck import folds
+    from model.policy import CROSSCHECK_IMAGES
+
+    groups = folds(list(range(8)), 2)  # ten labeled tasks, two held out: every training task is held out once
+    assert [len(g) for g in groups] == [2, 2, 2, 2] and sorted(t for g in groups for t in g) == list(range(8))
+    assert [len(g) for g in folds(list(range(20)), 5)] == [5]  # 5 + 5 tasks reach CROSSCHECK_IMAGES
+    assert [len(g) for g in folds(list(range(3)), 1)] == [2, 1]  # too few tasks: every one, and no more
+    assert folds(list(range(40)), CROSSCHECK_IMAGES) == []  # enough held-out tasks of its own
+    assert folds(list(range(8)), 2) == folds(list(reversed(range(8))), 2)  # the groups follow the tasks, not their order
+
+
+def test_the_served_weights_come_back_with_thresholds_learned_on_every_fold(make_client, media, bccd):
+    """Ten annotations, a quick version and a refinement round; then, while nobody labels, one fold model per group
+    of training tasks, each trained without its group, and the same weights served with the pooled thresholds."""
+    from ls_backend.report import serving_note
+    from model.crosscheck import folds, pending
+    from model.registry import read_json
+
+    names, train, _ = bccd
+    client = make_client(label_studio_url=media.url, label_studio_api_key=TOKEN, refine_time_budget=4,
+                         refine_rounds=1, crosscheck=True, autolabel_after_train=False)
+    send(client, dataset_events(media, train[:10], names, project=1))
+    assert client.app.state.queue.idle(timeout=600)
+    registry = client.app.state.backend.registry("1")
+    checked = registry.current()
+    meta = checked.meta
+    assert meta.get("crosscheck"), [(v.name, v.meta.get("reason")) for v in registry.versions()]
+    source = registry.get(meta["parent"])
+    assert checked.weights.read_bytes() == source.weights.read_bytes()  # the same model, other thresholds
+    held, trained = source.meta["val_tasks"], source.meta["train_tasks"]
+    groups = folds(trained, len(held))
+    state = read_json(registry.crosscheck_dir / f"{source.name}.json")
+    assert [sorted(f["tasks"]) for f in state["folds"]] == [sorted(g) for g in groups]
+    for fold in state["folds"]:  # each fold model learned everything the version did except its own group
+        assert sorted(fold["trained_on"]) == sorted(set(trained) - set(fold["tasks"]) | set(held))
+    assert meta["crosscheck"]["tasks"] == meta["threshold_evidence"]["images"] == 10
+    assert meta["threshold_evidence"]["images"] > source.meta["threshold_evidence"]["images"] == len(held)
+    assert meta["val_tasks"] == held and meta["trained_upto"] == source.meta["trained_upto"]
+    assert "cross-checked on 10 tasks" in meta["reason"] and "cross-checked" in serving_note(meta)
+    assert pending(registry) is None
+    job = client.get("/status/1").json()["job"]
+    assert job["run"] == "crosscheck" and job["accepted"] and job["version"] == checked.name
+    listed = {v["version"]: v for v in client.get("/versions", params={"project": "1"}).json()["details"]}
+    assert listed[checked.name]["crosscheck"]["tasks"] == 10  # every figure says on how many tasks it rests
+    assert "<td>10</td>" in client.get("/projects/1/").text
+    # Nothing new since: the cross-checked version is not checked again, and nothing else trains.
+    assert client.app.state.scheduler.request("1") == "queued"
+    assert client.app.state.queue.idle(timeout=60)
+    assert client.get("/status/1").json()["job"]["state"] == "skipped"
+    assert registry.current_name() == checked.name
+
+
+def test_new_annotations_come_before_the_next_fold(backend_env, tmp_path, bccd, backbone_weights):
+    """A fold is idle work: once annotations change, the next run is an update, and the folds of the old version
+    are not resumed for the new one."""
+    from ls_backend.backend import Backend
+    from ls_backend.jobs import next_run
+    from ls_backend.settings import get_settings
+    from model.crosscheck import pending
+    from model.label_config import parse_label_config
+    from model.pipeline import run_training
+    from model.trainer import TrainParams
+    from model.yolo_import import label_config, to_result
+
+    names, train, _ = bccd
+    backend_env(refine_time_budget=4, refine_rounds=0, crosscheck=True)
+    backend = Backend(get_settings())
+    store, registry = backend.store("1"), backend.registry("1")
+    store.update_info(label_config=label_config(names))
+
+    def annotate(items, first: int) -> None:
+        for task_id, item in enumerate(items, start=first):
+            store.put({"task_id": task_id, "annotation_id": task_id, "data": {"image": str(item.image)},
+                       "result": to_result(item, names), "cancelled": False})
+
+    annotate(train[:10], 1)
+    run_training(store, registry, parse_label_config(label_config(names)), lambda r: Path(r["data"]["image"]),
+                 backbone_weights, TrainParams(epochs=2, imgsz=64, time_budget=0, freeze=0), 10, True, 5,
+                 refined=True, refine_round=1)
+    assert next_run(backend, "1", False, cross_check=True) == ("crosscheck", 4, 0)
+    assert next_run(backend, "1", False) is None  # a project of several controls is not cross-checked
+    annotate(train[10:11], 11)
+    assert next_run(backend, "1", False, cross_check=True)[0] == "update"
+    assert pending(registry) is not None  # still owed to v1, but an update comes first
