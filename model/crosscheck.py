@@ -24,7 +24,7 @@ from .project_store import ProjectStore
 from .registry import ProjectRegistry, Version, read_json, write_json
 from .runtime import export_folder
 from .trainer import ProgressFn, TrainParams, backbone_layers, checkpoint_model, model_cost, plan, train
-from .validator import evaluate
+from .validator import pooled_map50
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def run_crosscheck(store: ProjectStore, registry: ProjectRegistry, control: Rect
     records = [r for r in store.records() if r["task_id"] in tasks]  # the version's own human labels
     started = time.time()
     work = registry.root / "runs" / f"crosscheck-{int(started * 1000)}"
-    images, done = [], {"tasks": [], "map50": 0.0}
+    images, done = [], {"tasks": []}
     try:
         info = build_dataset(records, control, fetch, work / "dataset", held_out=fold)
         if info.train and info.val and set(info.val) <= fold:  # else the fold's images are broken: it adds nothing
@@ -85,8 +85,7 @@ def run_crosscheck(store: ProjectStore, registry: ProjectRegistry, control: Rect
             weights, seconds = train(info.yaml_path, base_weights, work / "train", run_plan, params.device,
                                      params.seed, progress, known_rows(control, model_names(network)))
             images = thresholds.held_out_predictions(weights, info.yaml_path, run_plan.imgsz, params.device)
-            scores = evaluate(weights, info.yaml_path, run_plan.imgsz, work, params.device, len(info.val))
-            done = {"tasks": info.val, "trained_on": info.train, "map50": scores.map50, "seconds": round(seconds, 1)}
+            done = {"tasks": info.val, "trained_on": info.train, "seconds": round(seconds, 1)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     thresholds.save_held_out(images, _fold_file(registry, version, index))
@@ -95,7 +94,7 @@ def run_crosscheck(store: ProjectStore, registry: ProjectRegistry, control: Rect
     write_json(_state_file(registry, version), state)
     if index + 1 < len(groups):
         reason = f"cross-check fold {index + 1} of {len(groups)} of {version.name} done (tasks {done['tasks']})"
-        return RunOutcome(version, False, reason, {"map50": done["map50"]})
+        return RunOutcome(version, False, reason)
     return _serve_pooled(registry, version, state["folds"], default_conf)
 
 
@@ -107,8 +106,7 @@ def _serve_pooled(registry: ProjectRegistry, version: Version, done: list[dict],
     own = len(version.meta.get("val_tasks") or [])
     # The pooled tasks come from several models, which spread more than one model does: keep the bound of few tasks.
     served, evidence = thresholds.learn(pooled, version.meta["labels"], default_conf, z=serve_z(own))
-    map50 = ((version.meta.get("metrics") or {}).get("map50", 0.0) * own
-             + sum(f["map50"] * len(f["tasks"]) for f in done)) / max(1, own + sum(len(f["tasks"]) for f in done))
+    map50 = pooled_map50(pooled)
     reason = (f"thresholds of {version.name} cross-checked on {len(pooled)} tasks: its {own} held-out ones and "
               f"{len(pooled) - own} held out of {len(done)} models of its recipe")
     meta = {key: value for key, value in version.meta.items() if key not in ("version", "created", "status")}

@@ -20,6 +20,21 @@ def test_folds_are_groups_of_the_held_out_size_until_the_evidence_is_enough():
     assert folds(list(range(8)), 2) == folds(list(reversed(range(8))), 2)  # the groups follow the tasks, not their order
 
 
+def test_pooled_map50_counts_every_label_of_every_pooled_task():
+    """Two folds' tasks pooled: a label one fold never saw still counts, so a fold that is right on its own two tasks
+    does not make the figure read perfect."""
+    from model.label_config import Box
+    from model.thresholds import HeldOutImage
+    from model.validator import pooled_map50
+
+    cell, other = Box("cell", 0, 0, 10, 10), Box("other", 20, 20, 40, 40)
+    right = HeldOutImage([Box("cell", 0, 0, 10, 10, 0.9)], [cell])
+    missed = HeldOutImage([Box("cell", 50, 50, 60, 60, 0.8)], [other])  # a false cell, the other label never found
+    assert pooled_map50([right]) > 0.99  # Ultralytics interpolates a perfect curve to 0.995
+    assert pooled_map50([right, missed]) < 0.51  # 'cell' still finds its one box first; 'other' scores nothing
+    assert pooled_map50([HeldOutImage([], [cell])]) == 0.0 and pooled_map50([]) == 0.0
+
+
 def test_the_served_weights_come_back_with_thresholds_learned_on_every_fold(make_client, media, bccd):
     """Ten annotations, a quick version and a refinement round; then, while nobody labels, one fold model per group
     of training tasks, each trained without its group, and the same weights served with the pooled thresholds."""
@@ -45,6 +60,7 @@ def test_the_served_weights_come_back_with_thresholds_learned_on_every_fold(make
     for fold in state["folds"]:  # each fold model learned everything the version did except its own group
         assert sorted(fold["trained_on"]) == sorted(set(trained) - set(fold["tasks"]) | set(held))
     assert meta["crosscheck"]["tasks"] == meta["threshold_evidence"]["images"] == 10
+    assert 0.0 <= meta["crosscheck"]["map50"] <= 1.0
     assert meta["threshold_evidence"]["images"] > source.meta["threshold_evidence"]["images"] == len(held)
     assert meta["val_tasks"] == held and meta["trained_upto"] == source.meta["trained_upto"]
     assert "cross-checked on 10 tasks" in meta["reason"] and "cross-checked" in serving_note(meta)
