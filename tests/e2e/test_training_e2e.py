@@ -27,7 +27,7 @@ REDIS_URL = os.environ.get("LS_E2E_REDIS_URL", "redis://127.0.0.1:6379/12")
 # Tiny training so both modes fit in a few minutes on two CPU cores: ~20 s per run.
 TINY_TRAINING = {
     "TRAIN_IMGSZ": "224",
-    "TRAIN_EPOCHS": "80",
+    "TRAIN_EPOCHS": "120",
     "TRAIN_TIME_BUDGET": "0",
     "TRAIN_FREEZE": "10",  # the backbone stays frozen: faster, and better on ten images
     "REFINE_TIME_BUDGET": "0",
@@ -44,7 +44,9 @@ MATCH_IOU = 0.3
 # The backend serves only boxes whose saving its own held-out tasks make sure of (model/thresholds.py), so it
 # rather leaves an image empty than fills it with false boxes. At 160 px and 25 passes the halved learning rate
 # (model/policy.py) left no confident saving and nothing was served; at 224 px and 80 passes, seen: boxes on all
-# six images, 77-80% of them on a cell.
+# six images, 77-80% of them on a cell. Since a shared threshold on fewer than 10 held-out tasks needs two spreads,
+# 80 passes left the RQ run's four held-out tasks (its task ids follow the other e2e tests') one box short of a
+# confident saving (mAP50 0.53 there, nothing served): 120 passes.
 MIN_IMAGES_MATCHED = 4  # of the six held-out images, at least this many get a box on a real cell
 MIN_PRECISION = 0.7  # of all predicted boxes on the held-out images, at least this share lies on a real cell
 
