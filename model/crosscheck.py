@@ -107,8 +107,9 @@ def _serve_pooled(registry: ProjectRegistry, version: Version, done: list[dict],
     # The pooled tasks come from several models, which spread more than one model does: keep the bound of few tasks.
     served, evidence = thresholds.learn(pooled, version.meta["labels"], default_conf, z=serve_z(own))
     map50 = pooled_map50(pooled)
+    trained = sum(1 for fold in done if fold["tasks"])  # a fold whose images were all broken trained no model
     reason = (f"thresholds of {version.name} cross-checked on {len(pooled)} tasks: its {own} held-out ones and "
-              f"{len(pooled) - own} held out of {len(done)} models of its recipe")
+              f"{len(pooled) - own} held out of {trained} more model{'s' if trained != 1 else ''} of its recipe")
     meta = {key: value for key, value in version.meta.items() if key not in ("version", "created", "status")}
     meta.update(parent=version.name, conf=served.default, thresholds=served.as_dict(), threshold_evidence=evidence,
                 crosscheck={"folds": done, "tasks": len(pooled), "map50": round(map50, 4)}, reason=reason, gain=None)

@@ -35,6 +35,16 @@ def test_pooled_map50_counts_every_label_of_every_pooled_task():
     assert pooled_map50([HeldOutImage([], [cell])]) == 0.0 and pooled_map50([]) == 0.0
 
 
+def test_the_status_page_counts_only_folds_that_trained_a_model():
+    """A fold whose images were all broken held nothing out and trained nothing: it is not one of the models."""
+    from ls_backend.report import serving_note
+
+    evidence = {"images": 8, "touched": 30, "touched_if_none_served": 40, "withheld_labels": []}
+    folds = [{"tasks": [3, 4], "trained_on": [1, 2], "seconds": 1.0}, {"tasks": []}]
+    note = serving_note({"labels": ["cell"], "threshold_evidence": evidence, "crosscheck": {"folds": folds}})
+    assert "cross-checked: 1 more model held out" in note
+
+
 def test_the_served_weights_come_back_with_thresholds_learned_on_every_fold(make_client, media, bccd):
     """Ten annotations, a quick version and a refinement round; then, while nobody labels, one fold model per group
     of training tasks, each trained without its group, and the same weights served with the pooled thresholds."""
