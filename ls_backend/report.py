@@ -4,6 +4,7 @@ from __future__ import annotations
 import html
 import io
 
+from model.crosscheck import more_models
 from model.effort import Effort
 
 from .backend import Backend
@@ -46,8 +47,8 @@ def serving_note(meta: dict) -> str | None:
         return None
     withheld = evidence.get("withheld_labels") or []
     labels = meta.get("labels") or []
-    folds = sum(1 for fold in (meta.get("crosscheck") or {}).get("folds") or [] if fold.get("tasks"))
-    checked = f" (cross-checked: {folds} more model{'s' if folds != 1 else ''} held out tasks of their own)" if folds else ""
+    folds = (meta.get("crosscheck") or {}).get("folds") or []
+    checked = f" (cross-checked: {more_models(folds)} held out tasks of their own)" if folds else ""
     basis = (f"on {evidence['images']} held-out tasks{checked}, served boxes would leave {evidence['touched']} to "
              f"touch against {evidence['touched_if_none_served']} to draw with none")
     if labels and len(withheld) == len(labels):

@@ -38,6 +38,12 @@ def folds(train_tasks: list[int], held_out: int) -> list[list[int]]:
     return groups[:max(0, math.ceil((CROSSCHECK_IMAGES - held_out) / size))]
 
 
+def more_models(done: list[dict]) -> str:
+    """How many models the folds trained, in words: a fold whose images were all broken trained none."""
+    trained = sum(1 for fold in done if fold.get("tasks"))
+    return f"{trained} more model{'' if trained == 1 else 's'}"
+
+
 def _state_file(registry: ProjectRegistry, version: Version) -> Path:
     return registry.crosscheck_dir / f"{version.name}.json"
 
@@ -107,9 +113,8 @@ def _serve_pooled(registry: ProjectRegistry, version: Version, done: list[dict],
     # The pooled tasks come from several models, which spread more than one model does: keep the bound of few tasks.
     served, evidence = thresholds.learn(pooled, version.meta["labels"], default_conf, z=serve_z(own))
     map50 = pooled_map50(pooled)
-    trained = sum(1 for fold in done if fold["tasks"])  # a fold whose images were all broken trained no model
     reason = (f"thresholds of {version.name} cross-checked on {len(pooled)} tasks: its {own} held-out ones and "
-              f"{len(pooled) - own} held out of {trained} more model{'s' if trained != 1 else ''} of its recipe")
+              f"{len(pooled) - own} held out of {more_models(done)} of its recipe")
     meta = {key: value for key, value in version.meta.items() if key not in ("version", "created", "status")}
     meta.update(parent=version.name, conf=served.default, thresholds=served.as_dict(), threshold_evidence=evidence,
                 crosscheck={"folds": done, "tasks": len(pooled), "map50": round(map50, 4)}, reason=reason, gain=None)
