@@ -149,7 +149,7 @@ def held_out_dataset(items, names: list[str], out: Path) -> Path:
     return data
 
 
-def train_as_planned(train, names: list[str], base: Path, params, work: Path):
+def train_as_planned(train, names: list[str], base: Path, params, work: Path, progress=None):
     """The product's trainer on these items, size and passes planned as the backend plans them (model/trainer.plan)."""
     from model import trainer
 
@@ -158,7 +158,7 @@ def train_as_planned(train, names: list[str], base: Path, params, work: Path):
                             [min((x2 - x1) * i.width, (y2 - y1) * i.height) for i in train for _, x1, y1, x2, y2 in i.rows],
                             cost=trainer.model_cost(network), backbone=trainer.backbone_layers(network))
     weights, seconds = trainer.train(held_out_dataset(train, names, work / "train"), base, work / "run", run_plan,
-                                     params.device, params.seed)
+                                     params.device, params.seed, progress)
     return weights, seconds, run_plan
 
 

@@ -54,11 +54,13 @@ def run(train, held_yaml: Path, names: list[str], options: dict[str, str], budge
     params = trainer.TrainParams(time_budget=budget, freeze=int(options.get("freeze", -1)),
                                  imgsz=int(options.get("imgsz", 0)), batch=int(options.get("batch", 4)),
                                  seed=int(options.get("seed", 0)))
+    passes = [0]
     with overridden(options):
-        weights, seconds, run_plan = train_as_planned(train, names, base, params, work)
+        weights, seconds, run_plan = train_as_planned(train, names, base, params, work,
+                                                      lambda epoch, epochs: passes.__setitem__(0, epoch))
     scores = evaluate(weights, held_yaml, run_plan.imgsz, work)
     return {"map50": round(scores.map50, 3), "map50_95": round(scores.map50_95, 3), "imgsz": run_plan.imgsz,
-            "epochs_planned": run_plan.epochs, "freeze": run_plan.freeze, "seconds": round(seconds, 1)}
+            "epochs_planned": run_plan.epochs, "passes": passes[0], "freeze": run_plan.freeze, "seconds": round(seconds, 1)}
 
 
 def main() -> None:
@@ -83,8 +85,8 @@ def main() -> None:
                 result = run(train, held_yaml, names, options, args.budget, Path(tmp) / name)
                 results.append({"dataset": dataset.name, "variant": name, "options": options, **result})
                 rows.append([dataset.name, name, result["map50"], result["map50_95"], result["imgsz"],
-                             result["freeze"], result["seconds"]])
-                print_table(["dataset", "variant", "mAP50", "mAP50-95", "imgsz", "freeze", "s"], rows)
+                             result["freeze"], result["passes"], result["seconds"]])
+                print_table(["dataset", "variant", "mAP50", "mAP50-95", "imgsz", "freeze", "passes", "s"], rows)
     print("wrote", write_results("recipe_ab", {"args": {**vars(args), "datasets": [str(d) for d in args.datasets]},
                                                "results": results}))
 

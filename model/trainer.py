@@ -156,12 +156,28 @@ def trained_weights(run_dir: Path) -> Path:
     return out / "best.pt" if (out / "best.pt").is_file() else out / "last.pt"
 
 
+def _channels_last_on_cpu(trainer) -> None:
+    """NHWC convolutions give 3-11% more passes per budget on CPU (README, "NHWC on CPU"); Ultralytics uses them on
+    CUDA only.
+
+    Checkpoints are still written NCHW (Ultralytics' save_model converts its copy), so loading and export are unchanged.
+    """
+    import torch
+
+    if trainer.device.type == "cpu":
+        trainer.model.to(memory_format=torch.channels_last)
+        if getattr(trainer, "ema", None) is not None:
+            trainer.ema.ema.to(memory_format=torch.channels_last)
+
+
 def prepare_run(model, progress: ProgressFn | None) -> None:
-    """Every core per batch, progress per pass, one checkpoint per run: what both trainers add to Ultralytics."""
+    """Every core per batch, NHWC on CPU, progress per pass, one checkpoint per run: what both trainers add to
+    Ultralytics."""
     # Torch's thread count is per calling thread: set it in the thread that trains, before every batch, so the run
     # uses every core but gives one back while the same process serves a prediction.
     model.add_callback("on_train_batch_start", lambda trainer: compute.use_training_threads())
     model.add_callback("on_pretrain_routine_end", _save_only_when_stopping)
+    model.add_callback("on_pretrain_routine_end", _channels_last_on_cpu)
     if progress is not None:
         model.add_callback("on_fit_epoch_end", lambda trainer: progress(min(trainer.epoch + 1, trainer.epochs), trainer.epochs))
 

@@ -95,6 +95,39 @@ def test_a_run_writes_its_checkpoint_once_when_it_ends_not_after_every_pass(tmp_
     assert len(saves) <= 1 and checkpoint_model(weights) is not None
 
 
+def test_a_cpu_run_trains_channels_last_and_writes_a_checkpoint_that_predicts(tmp_path, backend_env, bccd_dataset,
+                                                                             backbone_weights):
+    """The convolutions' layout read inside Ultralytics' batch loop; the checkpoint stays NCHW, so fusing works."""
+    import torch
+    from ultralytics import YOLO
+
+    from model.trainer import TrainPlan, checkpoint_model, train
+
+    backend_env()
+    layouts: list[tuple[bool, bool]] = []
+    original = YOLO.add_callback
+
+    def conv_layouts(trainer) -> None:
+        weights = [m.weight for m in (trainer.model, trainer.ema.ema) for m in [next(
+            m for m in m.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1)]]
+        layouts.append(tuple(w.is_contiguous(memory_format=torch.channels_last) for w in weights))
+
+    def spy(self, event, func):
+        original(self, event, func)
+        if event == "on_train_batch_start":
+            original(self, "on_train_batch_end", conv_layouts)
+    YOLO.add_callback = spy
+    try:
+        weights, _ = train(bccd_dataset, backbone_weights, tmp_path / "run", TrainPlan(1, 64, 0, 2, 0), device="cpu")
+    finally:
+        YOLO.add_callback = original
+    assert layouts and set(layouts) == {(True, True)}
+    saved = [p for p in checkpoint_model(weights).parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert saved and all(p.is_contiguous() for p in saved)
+    image = next((bccd_dataset.parent / "images" / "val").iterdir())
+    assert YOLO(str(weights)).predict(str(image), imgsz=64, verbose=False)[0].boxes is not None
+
+
 def _image(predicted: list[tuple[str, float, float]], truth: list[str]) -> HeldOutImage:
     """Boxes on a diagonal: predicted (label, score, offset) land on truth box i when offset is 0."""
     boxes = [Box(label, 100 * i, 0, 100 * i + 50, 50) for i, label in enumerate(truth)]
