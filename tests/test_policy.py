@@ -107,10 +107,12 @@ def test_a_cpu_run_trains_channels_last_and_writes_a_checkpoint_that_predicts(tm
     layouts: list[tuple[bool, bool]] = []
     original = YOLO.add_callback
 
+    def first_conv(network) -> torch.Tensor:
+        return next(m.weight for m in network.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1)
+
     def conv_layouts(trainer) -> None:
-        weights = [m.weight for m in (trainer.model, trainer.ema.ema) for m in [next(
-            m for m in m.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1)]]
-        layouts.append(tuple(w.is_contiguous(memory_format=torch.channels_last) for w in weights))
+        layouts.append(tuple(first_conv(network).is_contiguous(memory_format=torch.channels_last)
+                             for network in (trainer.model, trainer.ema.ema)))
 
     def spy(self, event, func):
         original(self, event, func)
