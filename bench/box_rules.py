@@ -50,11 +50,11 @@ def merge_nms(boxes: list[Box]) -> list[Box]:
     return kept
 
 
-def matched(images, floor: float) -> dict[str, list[tuple[float, ...]]]:
-    """Per label, for each predicted box matched to a human one: centre offset (in box sizes), log size ratio."""
+def matched(images) -> dict[str, list[tuple[float, ...]]]:
+    """Per label, for each candidate box matched to a human one: centre offset (in box sizes), log size ratio."""
     found: dict[str, list[tuple[float, ...]]] = {}
     for image in images:
-        pairs = sorted(((iou(p, t), p, t) for p in image.predicted if p.score >= floor for t in image.truth
+        pairs = sorted(((iou(p, t), p, t) for p in image.predicted for t in image.truth
                         if p.label == t.label), key=lambda pair: -pair[0])
         used: set[int] = set()
         for overlap, p, t in pairs:
@@ -70,15 +70,15 @@ def matched(images, floor: float) -> dict[str, list[tuple[float, ...]]]:
     return found
 
 
-def corrections(images, floor: float) -> dict[str, tuple[float, ...]]:
+def corrections(images) -> dict[str, tuple[float, ...]]:
     """Per label with MIN_MATCHES matches: the median offset and log size ratio from predicted to human boxes."""
     return {label: tuple(statistics.median(v) for v in zip(*rows))
-            for label, rows in matched(images, floor).items() if len(rows) >= MIN_MATCHES}
+            for label, rows in matched(images).items() if len(rows) >= MIN_MATCHES}
 
 
 def size_error(images) -> tuple[float, float]:
-    """All labels' matched boxes at the lowest threshold: median log size ratio (bias) and its spread (scatter)."""
-    logs = [value for rows in matched(images, THRESHOLDS[0]).values() for row in rows for value in row[2:]]
+    """All labels' matched boxes: median log size ratio (bias) and its spread (scatter)."""
+    logs = [value for rows in matched(images).values() for row in rows for value in row[2:]]
     return (round(statistics.median(logs), 3), round(statistics.pstdev(logs), 3)) if logs else (0.0, 0.0)
 
 
@@ -121,15 +121,15 @@ def main() -> None:
         labels = sorted({box.label for image in nms for box in image.truth + image.predicted})
 
         def correct(held):
-            by_label = corrections(held, THRESHOLDS[0])
+            by_label = corrections(held)
             return [thresholds.HeldOutImage([corrected(b, by_label) for b in i.predicted], i.truth) for i in nms]
         variants = {"nms": nms, "merge": [thresholds.HeldOutImage(merge_nms(i.predicted), i.truth) for i in raw],
                     "corrected": correct}
         oracle = round(min(touched(nms, Thresholds(t, {})) for t in THRESHOLDS), 3)
         bias, scatter = size_error(nms)
+        name = raw_file.name.removesuffix("-raw.json")
         for h in args.hs:
             found = simulate(variants, h, args.draws, labels)
-            name = raw_file.name.removesuffix("-raw.json")
             results.append({"predictions": name, "h": h, **found, "oracle_nms": oracle, "log_size_bias": bias,
                             "log_size_scatter": scatter})
             rows.append([name, h, found["nms"], found["merge"], found["corrected"], oracle, bias, scatter])
