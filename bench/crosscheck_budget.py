@@ -9,7 +9,9 @@ each group in turn as the served version's held-out tasks, thresholds are learne
 own group's predictions and the other groups' at one fraction, z of its own few tasks) and scored by the boxes a
 reviewer would touch per ground-truth box on the held-out images. Passes are fixed, not timed, so the same passes can
 be run on a faster machine than the one they stand for (the product's folds run --epochs passes in
-REFINE_TIME_BUDGET on 2 cores).
+REFINE_TIME_BUDGET on 2 cores). With --grow, each served version is instead trained on --grow more labeled images
+than its folds: whether a finished cross-check's folds still lend the next version better thresholds than its own
+few held-out tasks.
 """
 from __future__ import annotations
 
@@ -30,24 +32,48 @@ from model.yolo_env import prepare_ultralytics  # noqa: E402
 from model.yolo_import import class_names, read_dataset  # noqa: E402
 
 
-def fold_models(train, held, names: list[str], groups: list[list[int]], fractions: list[float], args, work: Path):
-    """(group, fraction) -> its group's predictions, and group -> the full-length model's held-out predictions."""
+def fold_models(train, extra, held, names: list[str], groups: list[list[int]], fractions: list[float], args,
+                work: Path):
+    """(group, fraction) -> that fold's predictions of its group; and per group, as the served version, its
+    predictions of its group and of the held-out images: the group's full-length fold, and (with `extra` images) a
+    model trained on those too."""
     network = trainer.checkpoint_model(TRAIN_BASE)
     test_yaml = held_out_dataset(held, names, work / "test")
-    own, served = {}, {}
+
+    def trained(items, run: Path, passes: int) -> Path:
+        plan = trainer.TrainPlan(max(1, passes), args.imgsz, trainer.backbone_layers(network), 4, 0)
+        return trainer.train(held_out_dataset(items, names, run / "train"), TRAIN_BASE, run / "run", plan,
+                             seed=args.seed)[0]
+
+    def predicted(weights: Path, group: list[int], run: Path):
+        return thresholds.held_out_predictions(
+            weights, held_out_dataset([train[i] for i in group], names, run / "group"), args.imgsz)
+
+    own, served, grown = {}, {}, {}
     for fraction in fractions:
         for g, group in enumerate(groups):
             run = work / f"g{g}-{fraction}"
-            plan = trainer.TrainPlan(max(1, round(args.epochs * fraction)), args.imgsz,
-                                     trainer.backbone_layers(network), 4, 0)
-            rest = [item for i, item in enumerate(train) if i not in group]
-            weights, _ = trainer.train(held_out_dataset(rest, names, run / "train"), TRAIN_BASE, run / "run", plan,
-                                       seed=args.seed)
-            own[g, fraction] = thresholds.held_out_predictions(
-                weights, held_out_dataset([train[i] for i in group], names, run / "group"), args.imgsz)
+            weights = trained([item for i, item in enumerate(train) if i not in group], run,
+                              round(args.epochs * fraction))
+            own[g, fraction] = predicted(weights, group, run)
             if fraction == fractions[0]:
-                served[g] = thresholds.held_out_predictions(weights, test_yaml, args.imgsz)
-    return own, served
+                served[g] = own[g, fraction], thresholds.held_out_predictions(weights, test_yaml, args.imgsz)
+    for g, group in enumerate(groups[:args.rotations or None] if extra else []):
+        run = work / f"g{g}-grown"
+        weights = trained([item for i, item in enumerate(train) if i not in group] + extra, run, args.epochs)
+        grown[g] = predicted(weights, group, run), thresholds.held_out_predictions(weights, test_yaml, args.imgsz)
+    return own, served, grown
+
+
+def scored(versions: dict, own: dict, fraction: float, names: list[str], z: float) -> tuple[float, float]:
+    """Touched per box of each served version with thresholds of its own group alone, and pooled with the other
+    groups' folds at this fraction (as model/crosscheck pools them), means over the versions."""
+    alone, pooled = [], []
+    for g, (group, test) in versions.items():
+        alone.append(touched(test, thresholds.learn(group, names, 0.25)[0]))
+        lent = [image for h in {h for h, _ in own} if h != g for image in own[h, fraction]]
+        pooled.append(touched(test, thresholds.learn(group + lent, names, 0.25, z=z)[0]))
+    return round(statistics.mean(alone), 3), round(statistics.mean(pooled), 3)
 
 
 def main() -> None:
@@ -59,6 +85,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100, help="passes of a full-length fold")
     parser.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.5, 0.25],
                         help="fold lengths to compare; the first also trains the served versions")
+    parser.add_argument("--grow", type=int, default=0,
+                        help="the served version has this many more labeled images than its folds saw (the next "
+                             "version after a cross-check, lent that cross-check's folds)")
+    parser.add_argument("--rotations", type=int, default=0,
+                        help="with --grow, train this many served versions (the first groups'), to save time")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="crosscheck_budget", help="results file, bench/results/NAME.json")
     args = parser.parse_args()
@@ -67,21 +98,22 @@ def main() -> None:
     for dataset in args.datasets:
         dataset = dataset.resolve()
         names, items = class_names(dataset), read_dataset(dataset)
-        train = [i for i in items if i.split == "train"][:args.k]
+        train = [i for i in items if i.split == "train"][:args.k + args.grow]
+        train, extra = train[:args.k], train[args.k:]
         held = [i for i in items if i.split != "train"][:args.holdout]
         groups = folds(list(range(len(train))), 0)
         with tempfile.TemporaryDirectory(prefix="crosscheck-budget-") as tmp:
-            own, served = fold_models(train, held, names, groups, args.fractions, args, Path(tmp))
+            own, served, grown = fold_models(train, extra, held, names, groups, args.fractions, args, Path(tmp))
         z = serve_z(len(groups[0]))
-        alone = [touched(served[g], thresholds.learn(own[g, args.fractions[0]], names, 0.25)[0]) for g in served]
-        row = {"dataset": dataset.name, "groups": len(groups), "own_tasks_only": round(statistics.mean(alone), 3),
-               "oracle": round(statistics.mean(oracle(served[g]) for g in served), 3)}
+        row = {"dataset": dataset.name, "groups": len(groups),
+               "own_tasks_only": scored(served, own, args.fractions[0], names, z)[0],
+               "oracle": round(statistics.mean(oracle(test) for _, test in served.values()), 3)}
         for fraction in args.fractions:
-            scores = []
-            for g in served:
-                pooled = own[g, args.fractions[0]] + [image for h in served if h != g for image in own[h, fraction]]
-                scores.append(touched(served[g], thresholds.learn(pooled, names, 0.25, z=z)[0]))
-            row[f"pooled x{fraction:g}"] = round(statistics.mean(scores), 3)
+            row[f"pooled x{fraction:g}"] = scored(served, own, fraction, names, z)[1]
+        if grown:
+            row[f"+{args.grow} own tasks only"], row[f"+{args.grow} lent folds"] = scored(
+                grown, own, args.fractions[0], names, z)
+            row[f"+{args.grow} oracle"] = round(statistics.mean(oracle(test) for _, test in grown.values()), 3)
         results.append(row)
         rows.append(list(row.values()))
         print_table(list(row.keys()), rows)

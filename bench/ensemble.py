@@ -1,5 +1,6 @@
 """Do several models trained on the same k images leave fewer boxes to touch than one, once their boxes are fused?
 
+    pip install ensemble-boxes==1.0.9   # this benchmark's own need, not the server's
     python bench/ensemble.py --datasets ../shared/datasets/bccd --budget 120 --seeds 0 1 2
 
 Every seed trains the product's trainer on the same first k training images (size and passes planned as the
