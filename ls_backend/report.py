@@ -48,7 +48,13 @@ def serving_note(meta: dict) -> str | None:
     withheld = evidence.get("withheld_labels") or []
     labels = meta.get("labels") or []
     folds = (meta.get("crosscheck") or {}).get("folds") or []
-    checked = f" (cross-checked: {more_models(folds)} held out tasks of their own)" if folds else ""
+    lent = meta.get("lent_folds")
+    checked = ""
+    if folds:
+        checked = f" (cross-checked: {more_models(folds)} held out tasks of their own)"
+    elif lent:
+        checked = (f" ({lent['tasks']} of them predicted by the fold models of {lent['from']}'s cross-check, which "
+                   "never trained on them)")
     basis = (f"on {evidence['images']} held-out tasks{checked}, served boxes would leave {evidence['touched']} to "
              f"touch against {evidence['touched_if_none_served']} to draw with none")
     if labels and len(withheld) == len(labels):

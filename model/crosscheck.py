@@ -19,7 +19,7 @@ from . import thresholds
 from .dataset import build_dataset
 from .label_config import RectangleLabelsControl
 from .pipeline import NotEnoughData, RunOutcome, known_rows, model_names
-from .policy import CROSSCHECK_IMAGES, serve_z
+from .policy import CROSSCHECK_IMAGES, LEND_FOLDS_FROM_SHARE, serve_z
 from .project_store import ProjectStore
 from .registry import ProjectRegistry, Version, read_json, write_json
 from .runtime import export_folder
@@ -48,8 +48,29 @@ def _state_file(registry: ProjectRegistry, version: Version) -> Path:
     return registry.crosscheck_dir / f"{version.name}.json"
 
 
-def _fold_file(registry: ProjectRegistry, version: Version, index: int) -> Path:
-    return registry.crosscheck_dir / f"{version.name}-fold{index}.json"
+def _fold_file(registry: ProjectRegistry, version: str, index: int) -> Path:
+    return registry.crosscheck_dir / f"{version}-fold{index}.json"
+
+
+def lent_folds(registry: ProjectRegistry, train_tasks: set[int]) -> tuple[list[thresholds.HeldOutImage], dict | None]:
+    """The last finished cross-check's fold predictions of tasks a new version trains on, and where they come from.
+
+    A version after a cross-check holds out as few tasks as the one before it; until its own cross-check runs (it
+    waits for idle time, which active labeling never leaves), those folds' models, which never saw their tasks, still
+    say more about the recipe's boxes than two or three tasks do, while they trained on LEND_FOLDS_FROM_SHARE of the
+    version's tasks (README, "Folds lent to the next version").
+    """
+    checked = next((v for v in reversed(registry.versions()) if v.meta.get("crosscheck")), None)
+    if checked is None:
+        return [], None
+    images, lent = [], []
+    for index, fold in enumerate(checked.meta["crosscheck"]["folds"]):
+        path = _fold_file(registry, checked.meta["parent"], index)
+        recent = len(fold.get("trained_on") or []) >= LEND_FOLDS_FROM_SHARE * len(train_tasks)
+        if fold.get("tasks") and set(fold["tasks"]) <= train_tasks and recent and path.is_file():
+            images += thresholds.load_held_out(path)
+            lent.append(fold)
+    return images, ({"from": checked.name, "folds": lent, "tasks": len(images)} if lent else None)
 
 
 def pending(registry: ProjectRegistry) -> tuple[Version, list[list[int]], int] | None:
@@ -94,7 +115,7 @@ def run_crosscheck(store: ProjectStore, registry: ProjectRegistry, control: Rect
             done = {"tasks": info.val, "trained_on": info.train, "seconds": round(seconds, 1)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    thresholds.save_held_out(images, _fold_file(registry, version, index))
+    thresholds.save_held_out(images, _fold_file(registry, version.name, index))
     state = read_json(_state_file(registry, version), {"version": version.name, "folds": []})
     state["folds"].append(done)
     write_json(_state_file(registry, version), state)
@@ -108,7 +129,7 @@ def _serve_pooled(registry: ProjectRegistry, version: Version, done: list[dict],
     """The version's weights as a new version, with thresholds learned on its own and every fold's predictions."""
     pooled = thresholds.load_held_out(version.held_out)
     for index in range(len(done)):
-        pooled += thresholds.load_held_out(_fold_file(registry, version, index))
+        pooled += thresholds.load_held_out(_fold_file(registry, version.name, index))
     own = len(version.meta.get("val_tasks") or [])
     # The pooled tasks come from several models, which spread more than one model does: keep the bound of few tasks.
     served, evidence = thresholds.learn(pooled, version.meta["labels"], default_conf, z=serve_z(own))

@@ -12,7 +12,7 @@ from . import thresholds
 from .dataset import build_dataset
 from .export import export_version
 from .label_config import RectangleLabelsControl
-from .policy import REFINE_MIN_GAIN, refinement_must_gain, worse_margin
+from .policy import CROSSCHECK_IMAGES, REFINE_MIN_GAIN, refinement_must_gain, serve_z, worse_margin
 from .project_store import ProjectStore
 from .registry import ProjectRegistry, Version
 from .trainer import ProgressFn, TrainParams, backbone_layers, checkpoint_model, model_cost, plan, train
@@ -116,7 +116,13 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
                                  progress, rows)
         scores = evaluate(weights, info.yaml_path, run_plan.imgsz, work, params.device, len(info.val))
         held_out = thresholds.held_out_predictions(weights, info.yaml_path, run_plan.imgsz, params.device)
-        served_boxes, evidence = thresholds.learn(held_out, info.names, default_conf)
+        from .crosscheck import lent_folds  # crosscheck builds on this module
+
+        lent, lent_from = lent_folds(registry, set(info.train) - set(info.pseudo)) \
+            if len(held_out) < CROSSCHECK_IMAGES else ([], None)
+        # Pooled from several models, as a cross-check pools them: the bound of the version's own few tasks.
+        served_boxes, evidence = thresholds.learn(held_out + lent, info.names, default_conf,
+                                                  z=serve_z(len(held_out)) if lent else None)
         accepted, reason, parent_scores, gain = judge(
             parent if parent_ok else None, info.names, scores.fitness, len(info.val), accept_only_if_not_worse,
             lambda: evaluate(parent.weights, info.yaml_path, run_plan.imgsz, work, params.device, len(info.val)),
@@ -140,6 +146,7 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
             "conf": served_boxes.default,
             "thresholds": served_boxes.as_dict(),
             "threshold_evidence": evidence,
+            "lent_folds": lent_from,
             "train_seconds": round(seconds, 1),
             "seconds": round(time.time() - started, 1),
             "trained_upto": upto,

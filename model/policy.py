@@ -153,6 +153,13 @@ SERVE_Z_FEW_IMAGES = 2.0
 # pothole-seg 1.000 -> 0.994, aquarium 1.000 -> 0.996, trees-aerial 1.000 either way (README, "Cross-checked
 # thresholds").
 CROSSCHECK_IMAGES = THIN_LABELS_FOLLOW_FROM_IMAGES
+# A version trained after a finished cross-check borrows its folds' predictions of tasks it trains on while its own
+# held-out tasks are fewer than CROSSCHECK_IMAGES, as long as each fold's model trained on at least this share of the
+# version's human training tasks: fold models far behind the version lend it thresholds of a weaker recipe. Measured
+# with bench/crosscheck_budget.py --grow 5 (versions on 13 tasks lent folds of 8, a share of 0.62; README, "Folds
+# lent to the next version"); folds trained a quarter as long, another kind of weaker model, lent bccd worse
+# thresholds than its own two tasks gave (0.870 against 0.827 touched per box, "How long a cross-check fold must train").
+LEND_FOLDS_FROM_SHARE = 0.6
 
 
 def serve_z(held_out_images: int) -> float:

@@ -8,6 +8,18 @@ from tests.conftest import TOKEN
 from tests.test_training import bccd, send  # noqa: F401 - bccd is a fixture
 
 
+def annotate(store, items, names: list[str], first: int) -> None:
+    from model.yolo_import import to_result
+
+    for task_id, item in enumerate(items, start=first):
+        store.put({"task_id": task_id, "annotation_id": task_id, "data": {"image": str(item.image)},
+                   "result": to_result(item, names), "cancelled": False})
+
+
+def image_of(record: dict) -> Path:
+    return Path(record["data"]["image"])
+
+
 def test_folds_are_groups_of_the_held_out_size_until_the_evidence_is_enough():
     from model.crosscheck import folds
     from model.policy import CROSSCHECK_IMAGES
@@ -97,7 +109,7 @@ def test_new_annotations_come_before_the_next_fold(backend_env, tmp_path, bccd, 
     from model.label_config import parse_label_config
     from model.pipeline import run_training
     from model.trainer import TrainParams
-    from model.yolo_import import label_config, to_result
+    from model.yolo_import import label_config
 
     names, train, _ = bccd
     backend_env(refine_time_budget=4, refine_rounds=0, crosscheck=True)
@@ -105,17 +117,52 @@ def test_new_annotations_come_before_the_next_fold(backend_env, tmp_path, bccd, 
     store, registry = backend.store("1"), backend.registry("1")
     store.update_info(label_config=label_config(names))
 
-    def annotate(items, first: int) -> None:
-        for task_id, item in enumerate(items, start=first):
-            store.put({"task_id": task_id, "annotation_id": task_id, "data": {"image": str(item.image)},
-                       "result": to_result(item, names), "cancelled": False})
-
-    annotate(train[:10], 1)
-    run_training(store, registry, parse_label_config(label_config(names)), lambda r: Path(r["data"]["image"]),
+    annotate(store, train[:10], names, 1)
+    run_training(store, registry, parse_label_config(label_config(names)), image_of,
                  backbone_weights, TrainParams(epochs=2, imgsz=64, time_budget=0, freeze=0), 10, True, 5,
                  refined=True, refine_round=1)
     assert next_run(backend, "1", False, cross_check=True) == ("crosscheck", 4, 0)
     assert next_run(backend, "1", False) is None  # a project of several controls is not cross-checked
-    annotate(train[10:11], 11)
+    annotate(store, train[10:11], names, 11)
     assert next_run(backend, "1", False, cross_check=True)[0] == "update"
     assert pending(registry) is not None  # still owed to v1, but an update comes first
+
+
+def test_the_next_version_learns_its_thresholds_with_the_last_cross_checks_folds(backend_env, bccd, backbone_weights):
+    """Labeling goes on after a cross-check: the next version holds out as few tasks as before, so the finished
+    folds' predictions of tasks it trains on join its own held-out ones, and its own held-out file stays its own."""
+    from ls_backend.backend import Backend
+    from ls_backend.report import serving_note
+    from ls_backend.settings import get_settings
+    from model.crosscheck import lent_folds, pending, run_crosscheck
+    from model.label_config import parse_label_config
+    from model.pipeline import run_training
+    from model.thresholds import load_held_out
+    from model.trainer import TrainParams
+    from model.yolo_import import label_config
+
+    names, train, _ = bccd
+    backend_env(crosscheck=True)
+    backend = Backend(get_settings())
+    store, registry = backend.store("1"), backend.registry("1")
+    store.update_info(label_config=label_config(names))
+    control = parse_label_config(label_config(names))
+    params = TrainParams(epochs=2, imgsz=64, time_budget=0, freeze=0)
+    annotate(store, train[:10], names, 1)
+    first = run_training(store, registry, control, image_of, backbone_weights, params, 10, True, 5).version
+    assert first.meta["lent_folds"] is None  # no cross-check has run yet
+    while pending(registry):
+        run_crosscheck(store, registry, control, image_of, backbone_weights, params)
+    checked = registry.current()
+    assert checked.meta["crosscheck"]
+    annotate(store, train[10:12], names, 11)
+    version = run_training(store, registry, control, image_of, backbone_weights, params, 10, False, 5).version
+    lent = version.meta["lent_folds"]
+    lent_tasks = {task for fold in lent["folds"] for task in fold["tasks"]}
+    assert lent["from"] == checked.name and lent_tasks and len(lent["folds"]) == len(checked.meta["crosscheck"]["folds"])
+    assert lent_tasks <= set(version.meta["train_tasks"]) and not lent_tasks & set(version.meta["val_tasks"])
+    assert version.meta["threshold_evidence"]["images"] == len(version.meta["val_tasks"]) + lent["tasks"]
+    assert lent["tasks"] == len(lent_tasks)
+    assert len(load_held_out(version.held_out)) == len(version.meta["val_tasks"])  # its own cross-check pools this
+    assert f"predicted by the fold models of {checked.name}'s cross-check" in serving_note(version.meta)
+    assert lent_folds(registry, set(range(1, 100))) == ([], None)  # folds far behind a version lend it nothing
