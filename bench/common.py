@@ -175,6 +175,17 @@ def write_results(name: str, payload: dict) -> Path:
     return path
 
 
+def write_run(name: str, args, results: list[dict]) -> Path:
+    """A benchmark's command-line arguments and its result rows, as bench/results/NAME.json."""
+    return write_results(name, {"args": {**vars(args), "datasets": [str(d) for d in args.datasets]},
+                                "results": results})
+
+
+def print_rows(results: list[dict]) -> None:
+    """Result rows that share their keys, as one table."""
+    print_table(list(results[0].keys()), [list(row.values()) for row in results])
+
+
 def print_table(headers: list[str], rows: list[list]) -> None:
     cells = [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]

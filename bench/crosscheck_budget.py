@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import TRAIN_BASE, held_out_dataset, print_table, write_results
+from common import TRAIN_BASE, held_out_dataset, print_rows, write_run
 from serve_rules import oracle, touched
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--name", default="crosscheck_budget", help="results file, bench/results/NAME.json")
     args = parser.parse_args()
     prepare_ultralytics(Path(tempfile.gettempdir()) / "crosscheck-budget-ultralytics", allow_downloads=False)
-    rows, results = [], []
+    results = []
     for dataset in args.datasets:
         dataset = dataset.resolve()
         names, items = class_names(dataset), read_dataset(dataset)
@@ -115,10 +115,8 @@ def main() -> None:
                 grown, own, args.fractions[0], names, z)
             row[f"+{args.grow} oracle"] = round(statistics.mean(oracle(test) for _, test in grown.values()), 3)
         results.append(row)
-        rows.append(list(row.values()))
-        print_table(list(row.keys()), rows)
-    print("wrote", write_results(args.name, {"args": {**vars(args), "datasets": [str(d) for d in args.datasets]},
-                                             "results": results}))
+        print_rows(results)
+    print("wrote", write_run(args.name, args, results))
 
 
 if __name__ == "__main__":

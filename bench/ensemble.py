@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import TRAIN_BASE, held_out_dataset, print_table, train_as_planned, write_results
+from common import TRAIN_BASE, held_out_dataset, print_rows, train_as_planned, write_run
 from serve_rules import oracle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--name", default="ensemble", help="results file, bench/results/NAME.json")
     args = parser.parse_args()
     prepare_ultralytics(Path(tempfile.gettempdir()) / "ensemble-ultralytics", allow_downloads=False)
-    rows, results = [], []
+    results = []
     for dataset in args.datasets:
         dataset = dataset.resolve()
         names, items = class_names(dataset), read_dataset(dataset)
@@ -83,10 +83,8 @@ def main() -> None:
             fused = fuse(members[:n], sizes, names, args.iou)
             row[f"{n} mAP50"], row[f"{n} touched"] = round(pooled_map50(fused), 3), round(oracle(fused), 3)
         results.append(row)
-        rows.append(list(row.values()))
-        print_table(list(row.keys()), rows)
-    print("wrote", write_results(args.name, {"args": {**vars(args), "datasets": [str(d) for d in args.datasets]},
-                                             "results": results}))
+        print_rows(results)
+    print("wrote", write_run(args.name, args, results))
 
 
 if __name__ == "__main__":

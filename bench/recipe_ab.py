@@ -10,7 +10,8 @@ an Ultralytics train argument (`scale=0.25`, `mixup=0.1`, `cos_lr=true`) laid ov
 size and passes as the backend would (model/trainer.plan: objects, budget, model cost), trains with
 model/trainer.train and is scored on the held-out (valid/test) images with Ultralytics' mAP code, and by the boxes
 a reviewer would touch per ground-truth box at the one threshold best on those images (bench/serve_rules.oracle).
-Quicker than bench/fewshot.py (no server, no thresholds, no refinement), so a lever can be judged on several datasets first.
+Quicker than bench/fewshot.py (no server, no thresholds, no refinement), so a lever can be judged on several datasets
+first.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from common import TRAIN_BASE, held_out_dataset, parse_variant, print_table, train_as_planned, write_results
+from common import TRAIN_BASE, held_out_dataset, parse_variant, print_table, train_as_planned, write_run
 from serve_rules import oracle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,9 +55,9 @@ def overridden(options: dict[str, str]):
 
 def run(train, held_yaml: Path, names: list[str], options: dict[str, str], budget: float, work: Path) -> dict:
     base = Path(options.get("base", TRAIN_BASE)).resolve()
-    params = trainer.TrainParams(time_budget=float(options.get("budget", budget)), freeze=int(options.get("freeze", -1)),
-                                 imgsz=int(options.get("imgsz", 0)), epochs=int(options.get("epochs", 0)),
-                                 batch=int(options.get("batch", 4)),
+    params = trainer.TrainParams(time_budget=float(options.get("budget", budget)),
+                                 freeze=int(options.get("freeze", -1)), imgsz=int(options.get("imgsz", 0)),
+                                 epochs=int(options.get("epochs", 0)), batch=int(options.get("batch", 4)),
                                  seed=int(options.get("seed", 0)))
     passes = [0]
     with overridden(options):
@@ -95,8 +96,7 @@ def main() -> None:
                              result["imgsz"], result["freeze"], result["passes"], result["seconds"]])
                 print_table(["dataset", "variant", "mAP50", "mAP50-95", "touched (oracle)", "imgsz", "freeze", "passes",
                              "s"], rows)
-    print("wrote", write_results(args.name, {"args": {**vars(args), "datasets": [str(d) for d in args.datasets]},
-                                               "results": results}))
+    print("wrote", write_run(args.name, args, results))
 
 
 if __name__ == "__main__":

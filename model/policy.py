@@ -156,9 +156,11 @@ CROSSCHECK_IMAGES = THIN_LABELS_FOLLOW_FROM_IMAGES
 # A version trained after a finished cross-check borrows its folds' predictions of tasks it trains on while its own
 # held-out tasks are fewer than CROSSCHECK_IMAGES, as long as each fold's model trained on at least this share of the
 # version's human training tasks: fold models far behind the version lend it thresholds of a weaker recipe. Measured
-# with bench/crosscheck_budget.py --grow 5 (versions on 13 tasks lent folds of 8, a share of 0.62; README, "Folds
-# lent to the next version"); folds trained a quarter as long, another kind of weaker model, lent bccd worse
-# thresholds than its own two tasks gave (0.870 against 0.827 touched per box, "How long a cross-check fold must train").
+# with bench/crosscheck_budget.py --grow 5 (versions on 13 tasks lent folds of 8, a share of 0.62; touched per box
+# with their own two tasks -> lent folds: bccd 0.763 -> 0.696, construction-ppe 1.000 -> 0.959, pothole-seg 0.982 ->
+# 1.000, serving nothing; README, "Folds lent to the next version"); folds trained a quarter as long, another kind
+# of weaker model, lent bccd worse thresholds than its own two tasks gave (0.870 against 0.827, "How long a
+# cross-check fold must train").
 LEND_FOLDS_FROM_SHARE = 0.6
 
 
