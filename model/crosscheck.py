@@ -52,16 +52,17 @@ def _fold_file(registry: ProjectRegistry, version: str, index: int) -> Path:
     return registry.crosscheck_dir / f"{version}-fold{index}.json"
 
 
-def lent_folds(registry: ProjectRegistry, train_tasks: set[int]) -> tuple[list[thresholds.HeldOutImage], dict | None]:
+def lent_folds(registry: ProjectRegistry, train_tasks: set[int],
+               labels: list[str]) -> tuple[list[thresholds.HeldOutImage], dict | None]:
     """The last finished cross-check's fold predictions of tasks a new version trains on, and where they come from.
 
     A version after a cross-check holds out as few tasks as the one before it; until its own cross-check runs (it
     waits for idle time, which active labeling never leaves), those folds' models, which never saw their tasks, still
     say more about the recipe's boxes than two or three tasks do, while they trained on LEND_FOLDS_FROM_SHARE of the
-    version's tasks (README, "Folds lent to the next version").
+    version's tasks (README, "Folds lent to the next version"). Folds of another label set judge other boxes: none.
     """
     checked = next((v for v in reversed(registry.versions()) if v.meta.get("crosscheck")), None)
-    if checked is None:
+    if checked is None or checked.meta.get("labels") != labels:
         return [], None
     images, lent = [], []
     for index, fold in enumerate(checked.meta["crosscheck"]["folds"]):

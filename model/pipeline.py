@@ -118,7 +118,7 @@ def run_training(store: ProjectStore, registry: ProjectRegistry, control: Rectan
         held_out = thresholds.held_out_predictions(weights, info.yaml_path, run_plan.imgsz, params.device)
         from .crosscheck import lent_folds  # crosscheck builds on this module
 
-        lent, lent_from = lent_folds(registry, set(info.train) - set(info.pseudo)) \
+        lent, lent_from = lent_folds(registry, set(info.train) - set(info.pseudo), info.names) \
             if len(held_out) < CROSSCHECK_IMAGES else ([], None)
         # Pooled from several models, as a cross-check pools them: the bound of the version's own few tasks.
         served_boxes, evidence = thresholds.learn(held_out + lent, info.names, default_conf,

@@ -165,4 +165,5 @@ def test_the_next_version_learns_its_thresholds_with_the_last_cross_checks_folds
     assert lent["tasks"] == len(lent_tasks)
     assert len(load_held_out(version.held_out)) == len(version.meta["val_tasks"])  # its own cross-check pools this
     assert f"predicted by the fold models of {checked.name}'s cross-check" in serving_note(version.meta)
-    assert lent_folds(registry, set(range(1, 100))) == ([], None)  # folds far behind a version lend it nothing
+    assert lent_folds(registry, set(range(1, 100)), names) == ([], None)  # folds far behind a version lend nothing
+    assert lent_folds(registry, lent_tasks, names + ["other"]) == ([], None)  # nor folds of another label set
