@@ -105,11 +105,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="crosscheck-budget-") as tmp:
             own, served, grown = fold_models(train, extra, held, names, groups, args.fractions, args, Path(tmp))
         z = serve_z(len(groups[0]))
-        row = {"dataset": dataset.name, "groups": len(groups),
-               "own_tasks_only": scored(served, own, args.fractions[0], names, z)[0],
-               "oracle": round(statistics.mean(oracle(test) for _, test in served.values()), 3)}
-        for fraction in args.fractions:
-            row[f"pooled x{fraction:g}"] = scored(served, own, fraction, names, z)[1]
+        scores = {fraction: scored(served, own, fraction, names, z) for fraction in args.fractions}
+        row = {"dataset": dataset.name, "groups": len(groups), "own_tasks_only": scores[args.fractions[0]][0],
+               "oracle": round(statistics.mean(oracle(test) for _, test in served.values()), 3),
+               **{f"pooled x{fraction:g}": pooled for fraction, (_, pooled) in scores.items()}}
         if grown:
             row[f"+{args.grow} own tasks only"], row[f"+{args.grow} lent folds"] = scored(
                 grown, own, args.fractions[0], names, z)
