@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 from model.images import set_max_pixels
 from model.policy import Thresholds
@@ -21,6 +22,17 @@ from .settings import Settings
 from .sync_state import sync_state
 
 log = logging.getLogger(__name__)
+
+
+class Served(NamedTuple):
+    """What a project's predictions come from."""
+
+    version: str
+    weights: Path
+    is_base: bool
+    imgsz: int
+    thresholds: Thresholds
+    members: list[Path]  # models whose boxes are fused with the weights' (model.fusion)
 
 
 class Backend:
@@ -129,13 +141,17 @@ class Backend:
         """What Label Studio stores with each prediction; it changes whenever a new version is served."""
         return self.registry(project).current_name() or f"base-{Path(self.settings.base_model).stem}"
 
-    def serving(self, project: str) -> tuple[str, Path, bool, int, Thresholds]:
-        """The served version's name, weights, whether it is the base model, image size and box thresholds."""
+    def serving(self, project: str) -> Served:
+        """The served version's name, weights, whether it is the base model, image size, box thresholds and the
+        models fused with it."""
         s = self.settings
         current = self.registry(project).current()
         if current is not None and current.weights.is_file():
             # Predict at the size the version learned at: objects then look as large as they did in training;
             # and at the thresholds that left the fewest boxes to fix on its held-out tasks.
             imgsz = (current.meta.get("plan") or {}).get("imgsz") or s.predict_imgsz
-            return current.name, current.weights, False, imgsz, Thresholds.from_meta(current.meta, s.predict_conf)
-        return self.model_version(project), self.base_weights(), True, s.predict_imgsz, Thresholds(s.predict_conf, {})
+            return Served(current.name, current.weights, False, imgsz,
+                          Thresholds.from_meta(current.meta, s.predict_conf),
+                          current.members if s.fuse_fold_models else [])
+        return Served(self.model_version(project), self.base_weights(), True, s.predict_imgsz,
+                      Thresholds(s.predict_conf, {}), [])

@@ -51,7 +51,9 @@ def serving_note(meta: dict) -> str | None:
     lent = meta.get("lent_folds")
     checked = ""
     if folds:
-        checked = f" (cross-checked: {more_models(folds)} held out tasks of their own)"
+        fused = meta.get("fused_models")
+        checked = (f" (cross-checked: {more_models(folds)} held out tasks of their own"
+                   + ("; their boxes are fused with its own)" if fused else ")"))
     elif lent:
         checked = (f" ({lent['tasks']} of them predicted by the fold models of {lent['from']}'s cross-check, which "
                    "never trained on them)")

@@ -36,7 +36,8 @@ class PredictionService:
     def __init__(self, backend: Backend):
         self.backend = backend
         s = backend.settings
-        self.models = ModelCache(device=s.device, runtime=s.predict_runtime, precision=s.openvino_precision)
+        # Room for a version fused with its four fold models (model.fusion) and the models of a few other projects.
+        self.models = ModelCache(size=8, device=s.device, runtime=s.predict_runtime, precision=s.openvino_precision)
         self.io_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="media")
 
     def fetch_images(self, project: str, control: RectangleLabelsControl, tasks: list[dict]) -> list:
@@ -66,8 +67,9 @@ class PredictionService:
         batches of pixels are ever held. Regions are sized by the decoded pixels, the ones the model saw.
         """
         s = self.backend.settings
-        version, weights, is_base, imgsz, thresholds = self.backend.serving(project)
+        version, weights, is_base, imgsz, thresholds, members = self.backend.serving(project)
         model = self.models.get(weights)
+        fused = [self.models.get(member) for member in members]
         label_map = control.model_label_map(model.names, aliases=is_base)
         files = self.fetch_images(project, control, tasks)
         failed = {i for i, f in enumerate(files) if isinstance(f, Exception)}
@@ -87,7 +89,7 @@ class PredictionService:
                     if ok:
                         with compute.serving():  # an in-process training run gives this request a core
                             detections = predict(model, [image for _, image in ok], label_map, imgsz, thresholds,
-                                                 len(ok), s.device)
+                                                 len(ok), s.device, fused)
                         found.update((i, (d, image.shape[:2])) for (i, image), d in zip(ok, detections))
         results, store = [], self.backend.store(project)
         for i, task in enumerate(tasks):

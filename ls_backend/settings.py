@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     refine_time_budget: float = 240.0
     refine_rounds: int = 2
     crosscheck: bool = True
+    fuse_fold_models: bool = True
     self_training: bool = True
     train_freeze: int = -1
     train_batch: int = 4

@@ -3,7 +3,8 @@
 While the served version rests on fewer than CROSSCHECK_IMAGES held-out tasks, idle runs train its recipe again
 from the base, each with another group of its training tasks held out (a fold), and predict that group. When the
 last fold is done, the held-out predictions of the version and of the folds are pooled, the thresholds are learned
-again on all of them, and the same weights are served as a new version with those thresholds.
+again on all of them, and the same weights are served as a new version with those thresholds, its boxes fused with
+the fold models' (model/fusion.py).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .label_config import RectangleLabelsControl
 from .pipeline import NotEnoughData, RunOutcome, known_rows, model_names
 from .policy import CROSSCHECK_IMAGES, LEND_FOLDS_FROM_SHARE, serve_z
 from .project_store import ProjectStore
-from .registry import ProjectRegistry, Version, read_json, write_json
+from .registry import MEMBERS, ProjectRegistry, Version, read_json, write_json
 from .runtime import export_folder
 from .trainer import ProgressFn, TrainParams, backbone_layers, checkpoint_model, model_cost, plan, train
 from .validator import pooled_map50
@@ -50,6 +51,10 @@ def _state_file(registry: ProjectRegistry, version: Version) -> Path:
 
 def _fold_file(registry: ProjectRegistry, version: str, index: int) -> Path:
     return registry.crosscheck_dir / f"{version}-fold{index}.json"
+
+
+def _fold_models(registry: ProjectRegistry, version: str) -> Path:
+    return registry.crosscheck_dir / version / MEMBERS
 
 
 def lent_folds(registry: ProjectRegistry, train_tasks: set[int],
@@ -113,6 +118,8 @@ def run_crosscheck(store: ProjectStore, registry: ProjectRegistry, control: Rect
             weights, seconds = train(info.yaml_path, base_weights, work / "train", run_plan, params.device,
                                      params.seed, progress, known_rows(control, model_names(network)))
             images = thresholds.held_out_predictions(weights, info.yaml_path, run_plan.imgsz, params.device)
+            _fold_models(registry, version.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(weights, _fold_models(registry, version.name) / f"fold{index}.pt")
             done = {"tasks": info.val, "trained_on": info.train, "seconds": round(seconds, 1)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -127,7 +134,8 @@ def run_crosscheck(store: ProjectStore, registry: ProjectRegistry, control: Rect
 
 
 def _serve_pooled(registry: ProjectRegistry, version: Version, done: list[dict], default_conf: float) -> RunOutcome:
-    """The version's weights as a new version, with thresholds learned on its own and every fold's predictions."""
+    """The version's weights as a new version, with thresholds learned on its own and every fold's predictions and
+    the fold models as its members."""
     pooled = thresholds.load_held_out(version.held_out)
     for index in range(len(done)):
         pooled += thresholds.load_held_out(_fold_file(registry, version.name, index))
@@ -135,15 +143,19 @@ def _serve_pooled(registry: ProjectRegistry, version: Version, done: list[dict],
     # The pooled tasks come from several models, which spread more than one model does: keep the bound of few tasks.
     served, evidence = thresholds.learn(pooled, version.meta["labels"], default_conf, z=serve_z(own))
     map50 = pooled_map50(pooled)
+    members = _fold_models(registry, version.name)
+    fused = len(list(members.glob("*.pt")))
     reason = (f"thresholds of {version.name} cross-checked on {len(pooled)} tasks: its {own} held-out ones and "
-              f"{len(pooled) - own} held out of {more_models(done)} of its recipe")
+              f"{len(pooled) - own} held out of {more_models(done)} of its recipe"
+              + (f"; its boxes fused with those {fused} models'" if fused else ""))
     meta = {key: value for key, value in version.meta.items() if key not in ("version", "created", "status")}
     meta.update(parent=version.name, conf=served.default, thresholds=served.as_dict(), threshold_evidence=evidence,
-                crosscheck={"folds": done, "tasks": len(pooled), "map50": round(map50, 4)}, reason=reason, gain=None)
+                crosscheck={"folds": done, "tasks": len(pooled), "map50": round(map50, 4)}, fused_models=fused,
+                reason=reason, gain=None)
     still_served = registry.current_name() == version.name  # a rollback meanwhile keeps its choice
-    export = export_folder(version.weights)
-    checked = registry.add(version.weights, meta, make_current=still_served,
-                           companions=[export] if export.is_dir() else [])
+    companions = [folder for folder in (export_folder(version.weights), members) if folder.is_dir()]
+    checked = registry.add(version.weights, meta, make_current=still_served, companions=companions)
+    shutil.rmtree(members.parent, ignore_errors=True)
     thresholds.save_held_out(pooled, checked.held_out)
     log.info("project %s: %s %s (%s)", registry.project, checked.name, "served" if still_served else "kept", reason)
     return RunOutcome(checked, still_served, reason, {"map50": round(map50, 4), "tasks": len(pooled)})

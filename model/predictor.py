@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .fusion import fuse
 from .label_config import Box
 from .policy import NMS_IOU, Thresholds
 from .runtime import ExportedDetector, RuntimeUnavailable, export_folder, is_exported
@@ -123,29 +124,38 @@ def on_gpu(device: str) -> bool:
     return torch.cuda.is_available()
 
 
+def _found(model: LoadedModel, images: list[np.ndarray], kwargs: dict, device: str) -> list[np.ndarray]:
+    """Each image's rows (x1, y1, x2, y2, score, class) above CANDIDATE_CONF."""
+    with model.lock:
+        if model.exported is not None:
+            return model.exported.predict(images, kwargs["imgsz"], CANDIDATE_CONF)
+        # PyTorch on a CPU: one image per forward pass. A batch of four 640 px images raised the server's peak by
+        # ~200 MiB and saved no time (bench/speed.py); a GPU gets the whole chunk at once.
+        parts = [images] if on_gpu(device) else [[image] for image in images]
+        return [r.boxes.data.cpu().numpy() if r.boxes is not None else np.zeros((0, 6))
+                for part in parts for r in model.yolo.predict(part, **kwargs)]
+
+
 def predict(model: LoadedModel, images: list[np.ndarray], label_map: dict[int, str], imgsz: int,
-            thresholds: Thresholds, batch: int, device: str = "") -> list[Detections]:
-    """Run the model over BGR images in batches and keep the boxes of labels the project knows above their thresholds."""
+            thresholds: Thresholds, batch: int, device: str = "",
+            members: list[LoadedModel] = ()) -> list[Detections]:
+    """Run the model over BGR images in batches and keep the boxes of labels the project knows above their thresholds;
+    with members (models of the same labels), each image's boxes of all of them fused (model.fusion)."""
     out: list[Detections] = []
     kwargs = {"imgsz": imgsz, "conf": CANDIDATE_CONF, "iou": NMS_IOU, "verbose": False}
     if device:
         kwargs["device"] = device
     for start in range(0, len(images), max(1, batch)):
         chunk = images[start:start + batch]
-        with model.lock:
-            if model.exported is not None:
-                found = model.exported.predict(chunk, imgsz, CANDIDATE_CONF)
-            else:
-                # PyTorch on a CPU: one image per forward pass. A batch of four 640 px images raised the server's
-                # peak by ~200 MiB and saved no time (bench/speed.py); a GPU gets the whole chunk at once.
-                parts = [chunk] if on_gpu(device) else [[image] for image in chunk]
-                found = [r.boxes.data.cpu().numpy() if r.boxes is not None else np.zeros((0, 6))
-                         for part in parts for r in model.yolo.predict(part, **kwargs)]
+        found = _found(model, chunk, kwargs, device)
+        if members:
+            each = [found] + [_found(member, chunk, kwargs, device) for member in members]
+            found = [fuse(list(rows)) for rows in zip(*each)]
         for data in found:
             boxes, candidates = [], []
             for x1, y1, x2, y2, score, cls in data[:, :6]:
                 label = label_map.get(int(cls))
-                if label is None:
+                if label is None or score < CANDIDATE_CONF:
                     continue
                 candidates.append(float(score))
                 if score >= thresholds.of(label):

@@ -16,6 +16,7 @@ from .workspace import Workspace
 WEIGHTS = "weights.pt"
 META = "meta.json"
 HELD_OUT = "held_out.json"  # the version's predictions on its held-out tasks (model.thresholds.save_held_out)
+MEMBERS = "members"  # models whose boxes are fused with the version's own when it predicts (model.fusion)
 _VERSION = re.compile(r"^v(\d+)$")
 
 
@@ -50,6 +51,12 @@ class Version:
     @property
     def held_out(self) -> Path:
         return self.path / HELD_OUT
+
+    @property
+    def members(self) -> list[Path]:
+        """Further models served fused with this one's weights; its weights alone are what later runs train from
+        and are judged against (the members trained on its held-out tasks)."""
+        return sorted((self.path / MEMBERS).glob("*.pt"))
 
     @property
     def number(self) -> int:
@@ -146,13 +153,18 @@ class ProjectRegistry:
         return self.get(name)
 
     def prune(self, keep: int) -> list[str]:
-        """Delete the weights of all but the newest `keep` versions, never the current one."""
+        """Delete the weights of all but the newest `keep` versions, never the current one, and the fold models of
+        cross-checks no longer owed (only the current version's cross-check goes on)."""
         current = self.current_name()
+        for folder in self.crosscheck_dir.glob("v*/") if self.crosscheck_dir.is_dir() else []:
+            if folder.name != current:
+                shutil.rmtree(folder, ignore_errors=True)
         with_weights = [v for v in self.versions() if v.weights.is_file() and v.name != current]
         removed = []
         for version in with_weights[: max(0, len(with_weights) - max(keep - 1, 0))]:
             version.weights.unlink(missing_ok=True)
             shutil.rmtree(version.path / f"{Path(WEIGHTS).stem}_openvino_model", ignore_errors=True)  # model.runtime
+            shutil.rmtree(version.path / MEMBERS, ignore_errors=True)
             write_json(version.path / META, {**version.meta, "status": "pruned", "was": version.meta.get("status")})
             removed.append(version.name)
         return removed

@@ -10,8 +10,9 @@ class Workspace:
     annotations/<task>.json  the task's latest human label (webhooks and resyncs write, training reads)
     project.json             label config, title, /setup's hostname and token
     predictions/, effort/    the last prediction per task and how much of it the annotator changed
-    versions/vN/, current.json  trained versions and which one is served
+    versions/vN/, current.json  trained versions and which one is served (vN/members/: fold models fused with it)
     crosscheck/vN.json       the cross-check folds of version N trained so far, with their held-out predictions
+    crosscheck/vN/           those folds' models, until the cross-check's version takes them as its members
     jobs/<job id>.json       each job's state
     sync.json                when the project was last resynced from Label Studio (without Redis)
     """

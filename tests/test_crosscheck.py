@@ -63,6 +63,7 @@ def test_the_served_weights_come_back_with_thresholds_learned_on_every_fold(make
     from ls_backend.report import serving_note
     from model.crosscheck import folds, pending
     from model.registry import read_json
+    from model.yolo_import import label_config
 
     names, train, _ = bccd
     client = make_client(label_studio_url=media.url, label_studio_api_key=TOKEN, refine_time_budget=4,
@@ -86,6 +87,14 @@ def test_the_served_weights_come_back_with_thresholds_learned_on_every_fold(make
     assert meta["threshold_evidence"]["images"] > source.meta["threshold_evidence"]["images"] == len(held)
     assert meta["val_tasks"] == held and meta["trained_upto"] == source.meta["trained_upto"]
     assert "cross-checked on 10 tasks" in meta["reason"] and "cross-checked" in serving_note(meta)
+    # The fold models now serve beside the version's weights, their boxes fused with its own.
+    assert len(checked.members) == meta["fused_models"] == len(groups) and "fused" in serving_note(meta)
+    assert not (registry.crosscheck_dir / source.name).exists()
+    task = {"id": 99, "data": {"image": media.add("upload", "unlabeled.jpg", train[10].image)}}
+    body = {"project": "1.1", "tasks": [task], "label_config": label_config(names)}
+    predicted = client.post("/predict", json=body).json()
+    assert predicted["results"][0]["model_version"] == checked.name
+    assert {str(m) for m in checked.members} <= set(client.app.state.backend.models.loaded())
     assert pending(registry) is None
     job = client.get("/status/1").json()["job"]
     assert job["run"] == "crosscheck" and job["accepted"] and job["version"] == checked.name
