@@ -1,12 +1,12 @@
 """Do several models trained on the same k images leave fewer boxes to touch than one, once their boxes are fused?
 
-    pip install ensemble-boxes==1.0.9   # this benchmark's own need, not the server's
     python bench/ensemble.py --datasets ../shared/datasets/bccd --budget 120 --seeds 0 1 2
 
 Every seed trains the product's trainer on the same first k training images (size and passes planned as the
 backend plans them, or --imgsz/--epochs with no time limit) and predicts the held-out images once at the lowest
-threshold. The members' boxes are fused by weighted boxes fusion (ensemble-boxes, boxes of one label overlapping by
---iou averaged by score, a box's score its members' mean). Reported: held-out mAP50 (model.validator.pooled_map50)
+threshold. The members' boxes are fused by weighted boxes fusion as the product fuses a cross-checked version with
+its fold models (model/fusion.py: boxes of one label overlapping by --iou averaged by score, a box's score its
+members' mean). Reported: held-out mAP50 (model.validator.pooled_map50)
 and boxes touched per ground-truth box at the one threshold best on those images (bench/serve_rules.oracle), for
 each member alone (mean) and for the first 2, 3, ... members fused.
 """
@@ -18,34 +18,27 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from common import TRAIN_BASE, held_out_dataset, print_rows, train_as_planned, write_run
 from serve_rules import oracle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import thresholds, trainer  # noqa: E402
+from model import fusion, thresholds, trainer  # noqa: E402
 from model.label_config import Box  # noqa: E402
 from model.validator import pooled_map50  # noqa: E402
 from model.yolo_env import prepare_ultralytics  # noqa: E402
 from model.yolo_import import class_names, read_dataset  # noqa: E402
 
 
-def fuse(members: list[list[thresholds.HeldOutImage]], sizes: list[tuple[int, int]], names: list[str],
-         iou: float) -> list[thresholds.HeldOutImage]:
-    """Each image's boxes of all members, fused into one set by weighted boxes fusion."""
-    from ensemble_boxes import weighted_boxes_fusion
-
+def fuse(members: list[list[thresholds.HeldOutImage]], names: list[str], iou: float) -> list[thresholds.HeldOutImage]:
+    """Each image's boxes of all members, fused into one set by weighted boxes fusion (model/fusion.py)."""
     fused = []
-    for index, (width, height) in enumerate(sizes):
-        boxes, scores, labels = [], [], []
-        for member in members:
-            found = member[index].predicted
-            boxes.append([[b.x1 / width, b.y1 / height, b.x2 / width, b.y2 / height] for b in found])
-            scores.append([b.score for b in found])
-            labels.append([names.index(b.label) for b in found])
-        merged = weighted_boxes_fusion(boxes, scores, labels, iou_thr=iou) if any(boxes) else ([], [], [])
+    for index, image in enumerate(members[0]):
+        found = [np.array([[b.x1, b.y1, b.x2, b.y2, b.score, names.index(b.label)] for b in member[index].predicted]
+                          ).reshape(-1, 6) for member in members]
         fused.append(thresholds.HeldOutImage(
-            [Box(names[int(c)], x1 * width, y1 * height, x2 * width, y2 * height, float(s))
-             for (x1, y1, x2, y2), s, c in zip(*merged)], members[0][index].truth))
+            [Box(names[int(c)], x1, y1, x2, y2, s) for x1, y1, x2, y2, s, c in fusion.fuse(found, iou).tolist()],
+            image.truth))
     return fused
 
 
@@ -67,7 +60,7 @@ def main() -> None:
         dataset = dataset.resolve()
         names, items = class_names(dataset), read_dataset(dataset)
         train = [i for i in items if i.split == "train"][:args.k]
-        held = sorted([i for i in items if i.split != "train"][:args.holdout], key=lambda i: i.image.name)
+        held = [i for i in items if i.split != "train"][:args.holdout]
         members = []
         with tempfile.TemporaryDirectory(prefix="ensemble-") as tmp:
             held_yaml = held_out_dataset(held, names, Path(tmp) / "held")
@@ -75,12 +68,11 @@ def main() -> None:
                 params = trainer.TrainParams(time_budget=args.budget, imgsz=args.imgsz, epochs=args.epochs, seed=seed)
                 weights, _, run_plan = train_as_planned(train, names, TRAIN_BASE, params, Path(tmp) / f"seed{seed}")
                 members.append(thresholds.held_out_predictions(weights, held_yaml, run_plan.imgsz))
-        sizes = [(i.width, i.height) for i in held]
         row = {"dataset": dataset.name, "imgsz": run_plan.imgsz,
                "one mAP50": round(statistics.mean(pooled_map50(m) for m in members), 3),
                "one touched": round(statistics.mean(oracle(m) for m in members), 3)}
         for n in range(2, len(members) + 1):
-            fused = fuse(members[:n], sizes, names, args.iou)
+            fused = fuse(members[:n], names, args.iou)
             row[f"{n} mAP50"], row[f"{n} touched"] = round(pooled_map50(fused), 3), round(oracle(fused), 3)
         results.append(row)
         print_rows(results)

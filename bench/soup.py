@@ -1,13 +1,12 @@
 """Do a cross-check's fold models, averaged into one (a soup) or their boxes fused, leave fewer boxes to touch?
 
-    pip install ensemble-boxes==1.0.9   # for the fused column, as bench/ensemble.py
     python bench/soup.py --datasets ../shared/datasets/bccd --imgsz 288 --epochs 100
 
 The first k training images are split into groups as model/crosscheck.folds splits a version's tasks; per group the
 product's trainer trains on the other groups (a fold, all from one base with one seed) and predicts its group and
 the held-out images. The soup is the folds' weights averaged: it has seen every group and predicts as fast as one
-model. The fused column is the folds' boxes fused by weighted boxes fusion (bench/ensemble.py), at one prediction
-per fold. Reported on the held-out images: mAP50 and touched per ground-truth box at the best threshold
+model. The fused column is the folds' boxes fused by weighted boxes fusion (model/fusion.py), at one prediction
+per fold, as the product serves a cross-checked version with its fold models. Reported on the held-out images: mAP50 and touched per ground-truth box at the best threshold
 (bench/serve_rules.oracle), for the fold models (mean), the soup and the fused folds, and touched per box at the
 thresholds the product learns on the folds' pooled group predictions (z of one group's tasks), as model/crosscheck
 serves them.
@@ -75,7 +74,7 @@ def main() -> None:
         dataset = dataset.resolve()
         names, items = class_names(dataset), read_dataset(dataset)
         train = [i for i in items if i.split == "train"][:args.k]
-        held = sorted([i for i in items if i.split != "train"][:args.holdout], key=lambda i: i.image.name)
+        held = [i for i in items if i.split != "train"][:args.holdout]
         groups = folds(list(range(len(train))), 0)
         plan = trainer.TrainPlan(args.epochs, args.imgsz, trainer.backbone_layers(network), 4, 0)
         own, tests, weights = [], [], []
@@ -91,7 +90,7 @@ def main() -> None:
                 tests.append(thresholds.held_out_predictions(weights[-1], test_yaml, args.imgsz))
             soup = thresholds.held_out_predictions(average_checkpoints(weights, work / "soup.pt"), test_yaml,
                                                    args.imgsz)
-        fused = fuse(tests, [(i.width, i.height) for i in held], names, args.iou)
+        fused = fuse(tests, names, args.iou)
         served = thresholds.learn(own, names, 0.25, z=serve_z(len(groups[0])))[0]
         results.append({
             "dataset": dataset.name, "folds": len(groups),
