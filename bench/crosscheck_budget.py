@@ -11,7 +11,7 @@ reviewer would touch per ground-truth box on the held-out images. Passes are fix
 be run on a faster machine than the one they stand for (the product's folds run --epochs passes in
 REFINE_TIME_BUDGET on 2 cores). With --grow, each served version is instead trained on --grow more labeled images
 than its folds: whether a finished cross-check's folds still lend the next version better thresholds than its own
-few held-out tasks.
+few held-out tasks, and whether fusing its boxes with those folds' models leaves fewer to touch.
 """
 from __future__ import annotations
 
@@ -22,12 +22,13 @@ import tempfile
 from pathlib import Path
 
 from common import TRAIN_BASE, held_out_dataset, print_rows, write_run
+from ensemble import fuse
 from serve_rules import oracle, touched
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import thresholds, trainer  # noqa: E402
 from model.crosscheck import folds  # noqa: E402
-from model.policy import serve_z  # noqa: E402
+from model.policy import FUSE_IOU, serve_z  # noqa: E402
 from model.yolo_env import prepare_ultralytics  # noqa: E402
 from model.yolo_import import class_names, read_dataset  # noqa: E402
 
@@ -65,14 +66,20 @@ def fold_models(train, extra, held, names: list[str], groups: list[list[int]], f
     return own, served, grown
 
 
+def pooled_thresholds(g: int, group: list, own: dict, fraction: float, names: list[str], z: float):
+    """Thresholds of the version that held out group g, learned on its group and the other groups' folds at this
+    fraction, as model/crosscheck pools them."""
+    lent = [image for h in {h for h, _ in own} if h != g for image in own[h, fraction]]
+    return thresholds.learn(group + lent, names, 0.25, z=z)[0]
+
+
 def scored(versions: dict, own: dict, fraction: float, names: list[str], z: float) -> tuple[float, float]:
     """Touched per box of each served version with thresholds of its own group alone, and pooled with the other
-    groups' folds at this fraction (as model/crosscheck pools them), means over the versions."""
+    groups' folds at this fraction, means over the versions."""
     alone, pooled = [], []
     for g, (group, test) in versions.items():
         alone.append(touched(test, thresholds.learn(group, names, 0.25)[0]))
-        lent = [image for h in {h for h, _ in own} if h != g for image in own[h, fraction]]
-        pooled.append(touched(test, thresholds.learn(group + lent, names, 0.25, z=z)[0]))
+        pooled.append(touched(test, pooled_thresholds(g, group, own, fraction, names, z)))
     return round(statistics.mean(alone), 3), round(statistics.mean(pooled), 3)
 
 
@@ -113,6 +120,13 @@ def main() -> None:
             row[f"+{args.grow} own tasks only"], row[f"+{args.grow} lent folds"] = scored(
                 grown, own, args.fractions[0], names, z)
             row[f"+{args.grow} oracle"] = round(statistics.mean(oracle(test) for _, test in grown.values()), 3)
+            # The grown version's boxes fused with the lent folds' models' (the other groups' full-length folds).
+            fused = {g: fuse([test] + [served[h][1] for h in served if h != g], names, FUSE_IOU)
+                     for g, (_, test) in grown.items()}
+            row[f"+{args.grow} lent, fused"] = round(statistics.mean(
+                touched(fused[g], pooled_thresholds(g, group, own, args.fractions[0], names, z))
+                for g, (group, _) in grown.items()), 3)
+            row[f"+{args.grow} fused oracle"] = round(statistics.mean(oracle(f) for f in fused.values()), 3)
         results.append(row)
         print_rows(results)
     print("wrote", write_run(args.name, args, results))
