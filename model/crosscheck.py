@@ -118,8 +118,9 @@ def run_crosscheck(store: ProjectStore, registry: ProjectRegistry, control: Rect
             weights, seconds = train(info.yaml_path, base_weights, work / "train", run_plan, params.device,
                                      params.seed, progress, known_rows(control, model_names(network)))
             images = thresholds.held_out_predictions(weights, info.yaml_path, run_plan.imgsz, params.device)
-            _fold_models(registry, version.name).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(weights, _fold_models(registry, version.name) / f"fold{index}.pt")
+            kept = _fold_models(registry, version.name)  # served with the version once every fold is done
+            kept.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(weights, kept / f"fold{index}.pt")
             done = {"tasks": info.val, "trained_on": info.train, "seconds": round(seconds, 1)}
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -6,6 +6,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -138,7 +139,7 @@ def _found(model: LoadedModel, images: list[np.ndarray], kwargs: dict, device: s
 
 def predict(model: LoadedModel, images: list[np.ndarray], label_map: dict[int, str], imgsz: int,
             thresholds: Thresholds, batch: int, device: str = "",
-            members: list[LoadedModel] = ()) -> list[Detections]:
+            members: Sequence[LoadedModel] = ()) -> list[Detections]:
     """Run the model over BGR images in batches and keep the boxes of labels the project knows above their thresholds;
     with members (models of the same labels), each image's boxes of all of them fused (model.fusion)."""
     out: list[Detections] = []
