@@ -20,6 +20,7 @@ import numpy as np
 
 from .policy import NMS_IOU
 from .registry import META, Version, read_json, write_json
+from .fusion import overlaps
 from .runtime import ExportedDetector, RuntimeUnavailable, available, export_folder
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,7 @@ def unmatched(reference: np.ndarray, candidate: np.ndarray, iou: float = CHECK_I
         if not len(same):
             missing.append(i)
             continue
-        lt = np.maximum(row[:2], same[:, :2])
-        rb = np.minimum(row[2:4], same[:, 2:4])
-        inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-        union = np.prod(row[2:4] - row[:2]) + np.prod(same[:, 2:4] - same[:, :2], axis=1) - inter
-        overlap = inter / np.maximum(union, 1e-9)
-        if not np.any((overlap >= iou) & (np.abs(same[:, 4] - row[4]) <= score)):
+        if not np.any((overlaps(row, same) >= iou) & (np.abs(same[:, 4] - row[4]) <= score)):
             missing.append(i)
     return missing
 

@@ -7,7 +7,8 @@ import numpy as np
 from .policy import FUSE_IOU, FUSE_MIN_SCORE
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+def overlaps(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one row (x1, y1, x2, y2, ...) with each of `boxes`' rows."""
     x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
     x2, y2 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
     inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
@@ -31,7 +32,7 @@ def fuse(found: list[np.ndarray], iou: float = FUSE_IOU) -> np.ndarray:
     fused = np.zeros((0, 6))
     for row in rows:
         same = np.flatnonzero(fused[:, 5] == row[5])
-        overlap = _iou(row, fused[same]) if len(same) else np.zeros(0)
+        overlap = overlaps(row, fused[same]) if len(same) else np.zeros(0)
         if len(overlap) and overlap.max() >= iou:
             index = same[int(overlap.argmax())]
             clusters[index].append(row)
