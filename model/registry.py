@@ -156,7 +156,7 @@ class ProjectRegistry:
         """Delete the weights of all but the newest `keep` versions, never the current one, and the fold models of
         cross-checks no longer owed (only the current version's cross-check goes on)."""
         current = self.current_name()
-        for folder in self.crosscheck_dir.glob("v*/") if self.crosscheck_dir.is_dir() else []:
+        for folder in self.crosscheck_dir.glob("v*/"):  # nothing when no cross-check ever ran
             if folder.name != current:
                 shutil.rmtree(folder, ignore_errors=True)
         with_weights = [v for v in self.versions() if v.weights.is_file() and v.name != current]
