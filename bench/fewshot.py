@@ -10,7 +10,8 @@ fresh backend that receives k ANNOTATION_CREATED webhooks and trains as it would
 refinement). Scored on held-out (valid/test) images: mAP50 and mAP50-95 with Ultralytics' metric code, and boxes a
 human must touch per ground-truth box (missed, wrong label, IoU < 0.75, plus false boxes) from the predictions
 /predict returns. One run's figures vary by up to 0.07 mAP50 between identical runs at k=10, so a lever is judged
-on --repeats runs: the table then adds each k's mean and range.
+on --repeats runs: the table then adds each k's mean and range. Each run also scores every version it left on disk
+(its `trail`: quick update, idle rounds, cross-check), so what each step added is seen within one run.
 """
 from __future__ import annotations
 
@@ -133,12 +134,43 @@ def run_k(k: int, train, held, held_yaml: Path, names, config: str, work: Path, 
     first_scores = evaluate(work / "models" / "1" / "versions" / "v1" / "weights.pt", held_yaml,
                             v1["plan"]["imgsz"], work) if (work / "models/1/versions/v1/weights.pt").is_file() else None
     before = crosscheck_before(versions, served, held_yaml, work, wall)
+    trail = version_trail(work / "models" / "1" / "versions", held_yaml, work, wall)
     return {"k": k, "version": served["version"], "versions": [(v["version"], v["status"]) for v in status["versions"]],
             "plan": served["plan"], "thresholds": served.get("thresholds"),
             "pseudo_labeled": [v.get("pseudo_labeled") for v in status["versions"]], "seconds_to_first": round(first or 0, 1),
             "first_map50": first_scores.map50 if first_scores else None, "first_imgsz": v1.get("plan", {}).get("imgsz"),
             "seconds_to_settled": round(seconds, 1), "map50": scores.map50, "map50_95": scores.map50_95,
-            "touched_per_gt_box": effort["touched"] / max(1, effort["final"]), "effort": effort, **before}
+            "touched_per_gt_box": effort["touched"] / max(1, effort["final"]), "effort": effort, "trail": trail, **before}
+
+
+def version_trail(root: Path, held_yaml: Path, work: Path, wall: float) -> list[dict]:
+    """Every version still on disk scored on the held-out images at its own thresholds (its weights alone): what
+    each quick update, idle round and cross-check added, within one run and so without a second run's noise."""
+    import json
+
+    from model.policy import Thresholds
+    from model.thresholds import effort_at, held_out_predictions
+    from model.validator import evaluate
+
+    trail = []
+    for folder in sorted(root.glob("v*"), key=lambda p: int(p.name[1:])):
+        meta = json.loads((folder / "meta.json").read_text())
+        imgsz = meta["plan"]["imgsz"]
+        effort = effort_at(held_out_predictions(folder / "weights.pt", held_yaml, imgsz), Thresholds.from_meta(meta, 0.25))
+        scores = evaluate(folder / "weights.pt", held_yaml, imgsz, work)
+        trail.append({"version": folder.name, "status": meta.get("status"), "refine_round": meta.get("refine_round"),
+                      "crosscheck": bool(meta.get("crosscheck")), "pseudo_labeled": meta.get("pseudo_labeled"),
+                      "imgsz": imgsz, "epochs": meta["plan"].get("epochs"), "held_out_tasks": meta.get("held_out_tasks"),
+                      "own_map50": (meta.get("metrics") or {}).get("map50"), "gain": meta.get("gain"),
+                      "seconds_after_k": round(meta.get("created", wall) - wall, 1), "map50": scores.map50,
+                      "touched_per_gt_box": effort.touched / max(1, effort.final)})
+    if trail:
+        print_table(["version", "status", "round", "cross-check", "pseudo", "imgsz", "held-out tasks",
+                     "own held-out mAP50", "gain", "s after k", "mAP50", "touched/GT"],
+                    [[t["version"], t["status"], t["refine_round"], t["crosscheck"], t["pseudo_labeled"], t["imgsz"],
+                      t["held_out_tasks"], t["own_map50"], t["gain"], t["seconds_after_k"], round(t["map50"], 3),
+                      round(t["touched_per_gt_box"], 3)] for t in trail])
+    return trail
 
 
 def crosscheck_before(versions: dict, served: dict, held_yaml: Path, work: Path, wall: float) -> dict:
